@@ -1,0 +1,45 @@
+"""Shared fixtures: small, deterministic, CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lavp_core.data import load_dataset
+from lavp_core.models import create_model
+
+
+@pytest.fixture(scope="session")
+def photos_val():
+    return load_dataset("photos", "val")
+
+
+@pytest.fixture(scope="session")
+def lenet():
+    return create_model("lenet", 10, weights="random", seed=0)
+
+
+def snapshot_model(model: torch.nn.Module) -> dict:
+    """Everything an attack or proxy must not change: parameters, their .grad, buffers, the mode."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_model_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot_model(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    for name, value in before["params"].items():
+        assert torch.equal(after["params"][name], value), f"parameter {name} changed"
+    for name, value in before["grads"].items():
+        got = after["grads"][name]
+        assert (got is None) == (value is None), f".grad of {name} appeared or vanished"
+        if value is not None:
+            assert torch.equal(got, value)
+    for name, value in before["buffers"].items():
+        assert torch.equal(after["buffers"][name], value), f"buffer {name} changed"
