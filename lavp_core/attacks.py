@@ -341,7 +341,7 @@ class AttackRun:
             scheduler = self._scheduler(optimizer)
             last = {"matching": math.nan}
 
-            def closure():
+            def closure(x=x, last=last):
                 g, (total, matching) = value_and_grad(x.detach())
                 x.grad = g
                 last["matching"] = float(matching)

@@ -237,7 +237,7 @@ def _evenly(items: list, count: int) -> list:
 def _photos_crops() -> dict:
     """Cut every crop once per process: {'train': (imgs, labels, desc), 'val': (...), 'mean', 'std'}."""
     per_split = {"train": ([], [], []), "val": ([], [], [])}
-    for label, name in enumerate(PHOTO_SOURCES):
+    for name in PHOTO_SOURCES:
         photo = Image.fromarray(_photo_array(name))
         width, height = photo.size
         found = {"train": [], "val": []}

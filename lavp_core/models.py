@@ -321,3 +321,48 @@ def check_input_fits(model: nn.Module, image_shape: tuple[int, int, int], name: 
     if out.dim() != 2 or out.shape[0] != 1:
         raise ModelError(f"{name} returns shape {tuple(out.shape)} for one image; a classifier must "
                          f"return (1, classes) logits")
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures the analytical R-CONV attack inverts (see lavp_core/analytic.py)
+
+
+class RConvNet(nn.Module):
+    """R-CONV's family: biased convolutions with element-wise activations, no pooling, one biased linear.
+
+    The first layer (3 -> 16, 5x5, stride 2) has too few gradient constraints (400 per channel for
+    1,024 unknowns), so its input comes from its forward constraints, which its invertible LeakyReLU
+    allows; the later layers are recovered from a fraction of their gradient constraints.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 5, padding=2, stride=2), nn.LeakyReLU(0.2),  # (16, 16, 16)
+            nn.Conv2d(16, 32, 5, padding=2, stride=2), nn.LeakyReLU(0.2),  # (32, 8, 8)
+            nn.Conv2d(32, 32, 3, padding=1, stride=1), nn.ReLU(),  # (32, 8, 8)
+        )
+        self.fc = nn.Linear(32 * 8 * 8, num_classes)
+
+    def forward(self, x):  # (B, C, 32, 32) -> (B, classes)
+        return self.fc(self.body(x).flatten(1))
+
+
+class RConvMLP(nn.Module):
+    """A fully connected network R-CONV inverts: two biased hidden layers (sigmoid), biased output."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * 32 * 32, 256), nn.Sigmoid(),
+            nn.Linear(256, 128), nn.Sigmoid(), nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x):  # (B, C, 32, 32) -> (B, classes)
+        return self.net(x)
+
+
+register_model("cnn-rconv", "R-CONV's family: 3 biased convs (LeakyReLU, LeakyReLU, ReLU), no pooling, "
+               "one linear layer", 32, "dlg-uniform")(RConvNet)
+register_model("mlp-rconv", "fully connected: 3 biased linear layers with sigmoids", 32,
+               "dlg-uniform")(RConvMLP)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 from ..cli import add_scenario_args, command, default_device, print_json, scenario_from_args
@@ -16,17 +15,17 @@ def _configure_list(p: argparse.ArgumentParser) -> None:
 
 @command("list", "list datasets, architectures, matching losses and attack presets", _configure_list)
 def list_registries(args) -> int:
-    from ..attacks import list_presets
     from ..data import list_datasets
     from ..losses import list_losses
     from ..models import list_models
+    from ..runner import load_all_presets
 
-    _register_extra_presets()
     tables = {
         "datasets": [(d.name, d.description) for d in list_datasets()],
-        "architectures": [(m.name, f"{m.description} [{m.input_size}x{m.input_size}]") for m in list_models()],
+        "architectures": [(m.name, f"{m.description} [{m.input_size}x{m.input_size}]")
+                          for m in list_models()],
         "losses": [(loss.name, loss.description) for loss in list_losses()],
-        "presets": [(p.name, p.description) for p in list_presets()],
+        "presets": [(p.name, f"{p.description} [{p.kind}]") for p in load_all_presets()],
     }
     if args.json:
         print_json({k: [{"name": n, "description": d} for n, d in rows] for k, rows in tables.items()})
@@ -37,18 +36,6 @@ def list_registries(args) -> int:
         for name, description in rows:
             print(f"  {name:<{width}}  {description}")
     return 0
-
-
-def _register_extra_presets() -> None:
-    """Import the modules whose presets are not optimisation attacks, so they are listed too."""
-    import importlib
-
-    for module in ("analytic", "generative"):
-        try:
-            importlib.import_module(f"lavp_core.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"lavp_core.{module}":
-                raise
 
 
 def _configure_attack(p: argparse.ArgumentParser) -> None:
@@ -68,79 +55,57 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
 def attack(args) -> int:
     import torch
 
-    from ..attacks import get_preset, preset_config, run_attack
-    from ..gradients import client_update
     from ..metrics import score_reconstruction
+    from ..runner import AttackRequest, run_preset
 
-    _register_extra_presets()
-    preset = get_preset(args.preset)
-    if args.steps is not None and args.steps <= 0:
-        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
-    if args.restarts is not None and args.restarts <= 0:
-        raise ConfigError(f"--restarts must be a positive integer, got {args.restarts}")
+    request = AttackRequest(preset=args.preset, loss=args.loss, steps=args.steps, restarts=args.restarts,
+                            lr=args.lr, tv_weight=args.tv, label=args.label_mode).validated()
     scenario = scenario_from_args(args)
-    device = default_device(args.device)
-    generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    extra = {}
-    if preset.kind == "analytic":
-        outcome = _run_analytic(scenario)
-        reconstruction, matching, label_used, steps = outcome["reconstruction"], math.nan, scenario.label, 0
-        extra["layers"] = outcome["layers"]
-    elif preset.kind == "generative":
-        from ..generative import gifd_config_from, run_gifd
-
-        config = gifd_config_from(steps=args.steps, restarts=args.restarts)
-        update = client_update(scenario.model, scenario.image, scenario.label)
-        result = run_gifd(scenario.model, update, scenario.info, config, generator=generator, device=device).attack
-        reconstruction, matching, label_used, steps = (result.reconstruction, result.matching_loss,
-                                                       result.label_used, result.steps)
-    else:
-        config = preset_config(args.preset, loss=args.loss, steps=args.steps, restarts=args.restarts,
-                               lr=args.lr, tv_weight=args.tv, label=args.label_mode)
-        update = client_update(scenario.model, scenario.image, scenario.label)
-        result = run_attack(scenario.model, update, config, scenario.info, generator=generator, device=device)
-        if result.all_diverged:
-            extra["warning"] = "every restart diverged: try more restarts, a lower learning rate or another seed"
-        reconstruction, matching, label_used, steps = (result.reconstruction, result.matching_loss,
-                                                       result.label_used, result.steps)
+    generator = torch.Generator().manual_seed(args.seed)
+    outcome = run_preset(scenario.model, scenario.image, scenario.label, scenario.info, request,
+                         generator=generator, device=default_device(args.device))
     seconds = time.perf_counter() - start
-    scores = score_reconstruction(reconstruction, scenario.image, scenario.info)
-    if args.out and reconstruction is not None:
-        _save_png(scenario.info.denormalize(reconstruction.float().cpu())[0], args.out)
+    scores = score_reconstruction(outcome.reconstruction, scenario.image, scenario.info)
+    if args.out and outcome.reconstruction is not None:
+        _save_png(scenario.info.denormalize(outcome.reconstruction.float().cpu())[0], args.out)
     payload = {"mse": scores["mse"], "psnr": scores["psnr"], "ssim": scores["ssim"], "lpips": scores["lpips"],
-               "lpips_reason": scores["lpips_reason"], "matching_loss": matching, "label": label_used,
-               "true_label": scenario.label, "steps": steps, "seconds": seconds, "preset": preset.name,
-               "image": scenario.description, **extra}
+               "lpips_reason": scores["lpips_reason"], "matching_loss": outcome.matching_loss,
+               "label": outcome.label_used, "true_label": scenario.label, "steps": outcome.steps,
+               "seconds": seconds, "preset": outcome.preset, "image": scenario.description}
+    if "layers" in outcome.details:
+        payload["layers"] = [dict(vars(layer)) for layer in outcome.details["layers"]]
+    if "stages" in outcome.details:
+        payload["stages"] = [{"stage": s.index, "name": s.name, "matching_loss": s.matching_loss}
+                             for s in outcome.details["stages"]]
+    if "warning" in outcome.details:
+        payload["warning"] = outcome.details["warning"]
     if args.json:
         print_json(payload)
         return 0
-    print(f"image        {scenario.description}")
-    print(f"preset       {preset.name}   steps {steps}   {seconds:.1f} s")
-    print(f"label        true {scenario.label}, used {label_used}")
-    print(f"matching     {matching:.6g}")
-    print(f"MSE {scores['mse']:.6g}   PSNR {scores['psnr']:.2f} dB   SSIM {scores['ssim']:.4f}")
-    lpips = f"{scores['lpips']:.4f}" if scores["lpips"] is not None else f"unavailable ({scores['lpips_reason']})"
-    print(f"LPIPS        {lpips}")
-    if "warning" in extra:
-        print(f"warning      {extra['warning']}")
-    if args.out:
-        print(f"saved        {args.out}")
+    _print_attack(payload, args.out)
     return 0
 
 
-def _run_analytic(scenario) -> dict:
-    """R-CONV needs an exact float64 client gradient; compute it and invert it."""
-    import torch
-
-    from ..analytic import reconstruct_rconv
-    from ..gradients import GradientOracle, client_update
-
-    oracle = GradientOracle(scenario.model, dtype=torch.float64)
-    update = client_update(oracle, scenario.image.double(), scenario.label)
-    result = reconstruct_rconv(scenario.model, update)
-    layers = [dict(vars(layer)) if hasattr(layer, "__dict__") else layer for layer in result.layers]
-    return {"reconstruction": result.reconstruction, "layers": layers}
+def _print_attack(payload: dict, out: str | None) -> None:
+    print(f"image        {payload['image']}")
+    print(f"preset       {payload['preset']}   steps {payload['steps']}   {payload['seconds']:.1f} s")
+    print(f"label        true {payload['true_label']}, used {payload['label']}")
+    print(f"matching     {payload['matching_loss']:.6g}")
+    print(f"MSE {payload['mse']:.6g}   PSNR {payload['psnr']:.2f} dB   SSIM {payload['ssim']:.4f}")
+    if payload["lpips"] is not None:
+        print(f"LPIPS        {payload['lpips']:.4f}")
+    else:
+        print(f"LPIPS        unavailable ({payload['lpips_reason']})")
+    for layer in payload.get("layers", []):
+        print(f"layer        {layer['name']}: {layer['method']}, {layer['constraints_used']}/"
+              f"{layer['constraints_available']} constraints used, rank {layer['rank']}/{layer['unknowns']}")
+    for stage in payload.get("stages", []):
+        print(f"stage        {stage['name']}: matching {stage['matching_loss']:.6g}")
+    if "warning" in payload:
+        print(f"warning      {payload['warning']}")
+    if out:
+        print(f"saved        {out}")
 
 
 def _save_png(image01, path: str) -> None:
