@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_model_unchanged, snapshot_model
+
 from lavp_core.errors import ConfigError, ModelError
 from lavp_core.gradients import GradientOracle, client_update, infer_label
 from lavp_core.models import create_model
