@@ -1,0 +1,239 @@
+"""Hessians at x* and their eigen-solvers, checked against an independent dense reference.
+
+The reference is ``torch.func.hessian`` of x ↦ loss(g(x), g*) in float64 on tiny models; the
+closed forms, the generic forward-over-reverse path and every solver must agree with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from lavp_core.errors import ConfigError, ProxyError
+from lavp_core.gradients import GradientOracle
+from lavp_core.hessian import (
+    HessianAtTruth,
+    SolverConfig,
+    exact_spectra,
+    lanczos_extreme,
+    paper_extremes,
+    power_iteration,
+    solve,
+    symmetric_spectrum,
+)
+from lavp_core.losses import MatchingLoss, get_loss
+
+
+def _seeded(model: nn.Module, seed: int, scale: float) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model
+
+
+def tiny_mlp() -> nn.Module:
+    """(1, 2, 3, 3) -> 3 classes; its Hessians at x* are full rank (condition number ~50)."""
+    return _seeded(nn.Sequential(nn.Flatten(), nn.Linear(18, 24), nn.Tanh(), nn.Linear(24, 3)), 0, 0.7)
+
+
+def tiny_conv() -> nn.Module:
+    """(1, 2, 5, 5) -> 4 classes through a convolution, a sigmoid and a linear layer."""
+    return _seeded(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(27, 4)), 1, 0.8)
+
+
+def image(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def mlp_op() -> HessianAtTruth:
+    return HessianAtTruth(GradientOracle(tiny_mlp(), dtype=torch.float64), image((2, 3, 3)), 1)
+
+
+@pytest.fixture(scope="module")
+def conv_op() -> HessianAtTruth:
+    return HessianAtTruth(GradientOracle(tiny_conv(), dtype=torch.float64), image((2, 5, 5), 1), 2)
+
+
+def reference_hessian(op: HessianAtTruth, loss: MatchingLoss) -> np.ndarray:
+    """Independent dense Hessian (d, d) of x ↦ loss(g(x), g*) at x* by torch.func.hessian."""
+    def matching_loss(x: torch.Tensor) -> torch.Tensor:
+        return loss(op.gradient_fn(x), op.g_star, op.layout)
+
+    return torch.func.hessian(matching_loss)(op.x_star).reshape(op.dim, op.dim).numpy()
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("op_name", ["mlp_op", "conv_op"])
+@pytest.mark.parametrize("loss_name", ["l2", "cos", "cos-layer"])
+def test_dense_hessians_match_torch_func_hessian(op_name, loss_name, request):
+    op = request.getfixturevalue(op_name)
+    loss = get_loss(loss_name)
+    reference = reference_hessian(op, loss)
+    generic = op.dense(loss, closed_form=False)
+    assert relative_error(generic, reference) < 1e-5
+    if loss.closed_form is not None:
+        assert relative_error(op.dense(loss), reference) < 1e-5
+
+
+@pytest.mark.parametrize("loss_name", ["l2", "cos", "cos-layer"])
+def test_hessian_vector_products_match_reference(mlp_op, loss_name):
+    loss = get_loss(loss_name)
+    reference = reference_hessian(mlp_op, loss)
+    v = torch.randn(mlp_op.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = reference @ v.reshape(-1).numpy()
+    for closed_form in (True, False):
+        got = mlp_op.hvp(loss, v, closed_form=closed_form).reshape(-1).numpy()
+        assert relative_error(got, expected) < 1e-5
+
+
+def test_cosine_closed_form_is_rank_one_update_of_gram(mlp_op):
+    gram = mlp_op.gram()
+    w = mlp_op.vjp(mlp_op.unit_gradient).reshape(-1).numpy()
+    expected = (gram - np.outer(w, w)) / mlp_op.g_norm ** 2
+    mlp_op.cosine_from_gram(gram)
+    np.testing.assert_allclose(gram, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_chunk_size_does_not_change_the_dense_hessian(mlp_op):
+    loss = get_loss("cos")
+    whole = mlp_op.dense(loss)
+    for chunk in (1, 7):  # 7 does not divide d = 18: the last chunk is short
+        np.testing.assert_allclose(mlp_op.dense(loss, config=SolverConfig(max_chunk=chunk)), whole,
+                                   rtol=1e-12, atol=1e-14)
+    generic = mlp_op.dense(loss, closed_form=False, config=SolverConfig(max_chunk=7))
+    assert relative_error(generic, whole) < 1e-10
+
+
+def test_symmetric_spectrum_matches_numpy_and_restores_the_matrix():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((60, 60))
+    h = a @ a.T + np.diag(np.linspace(0, 1, 60))
+    original = h.copy()
+    eigenvalues, v_min, v_max = symmetric_spectrum(h)
+    np.testing.assert_array_equal(h, original)  # one triangle was overwritten, and put back
+    expected = np.linalg.eigvalsh(original)
+    np.testing.assert_allclose(eigenvalues, expected, rtol=1e-10, atol=1e-12 * expected[-1])
+    assert np.all(np.diff(eigenvalues) >= 0)
+    for value, vector in ((expected[0], v_min), (expected[-1], v_max)):
+        assert math.isclose(np.linalg.norm(vector), 1.0, rel_tol=1e-12)
+        assert np.linalg.norm(original @ vector - value * vector) < 1e-10 * expected[-1]
+
+
+def test_exact_spectra_match_reference(mlp_op):
+    losses = [get_loss(name) for name in ("cos", "l2", "cos-layer")]
+    spectra = exact_spectra(mlp_op, losses, SolverConfig())
+    assert list(spectra) == ["cos", "l2", "cos-layer"]  # in the order asked
+    for loss in losses:
+        expected = np.linalg.eigvalsh(reference_hessian(mlp_op, loss))
+        result = spectra[loss.name]
+        assert result.eigenvalues.shape == (mlp_op.dim,)
+        np.testing.assert_allclose(result.eigenvalues, expected, rtol=1e-5, atol=1e-9 * expected[-1])
+        assert math.isclose(result.max.value, expected[-1], rel_tol=1e-8)
+        assert math.isclose(result.min.value, expected[0], rel_tol=1e-6)
+        for extreme in (result.max, result.min):
+            assert extreme.method == "exact" and extreme.converged
+            assert extreme.residual < 1e-8 and extreme.iterations == mlp_op.dim and extreme.seconds >= 0
+
+
+def test_lanczos_matches_exact(mlp_op):
+    for name in ("l2", "cos"):
+        loss = get_loss(name)
+        expected = np.linalg.eigvalsh(reference_hessian(mlp_op, loss))
+        top = lanczos_extreme(mlp_op, loss, "max", SolverConfig(tol=1e-8))
+        bottom = lanczos_extreme(mlp_op, loss, "min", SolverConfig(tol=1e-8), scale=abs(top.value))
+        assert math.isclose(top.value, expected[-1], rel_tol=1e-8)
+        assert math.isclose(bottom.value, expected[0], rel_tol=1e-6)
+        assert top.converged and bottom.converged and top.method == "lanczos"
+        assert top.residual <= 1e-8 and bottom.residual <= 1e-8 and 0 < top.iterations <= 600
+
+
+def test_lanczos_out_of_budget_is_marked_unconverged(mlp_op):
+    loss = get_loss("l2")
+    expected = np.linalg.eigvalsh(reference_hessian(mlp_op, loss))
+    result = lanczos_extreme(mlp_op, loss, "min", SolverConfig(lanczos_min_products=4, lanczos_ncv_min=4))
+    assert not result.converged and result.iterations == 4
+    assert "did not converge" in result.note
+    assert result.value >= expected[0] - 1e-12  # a Ritz value never undershoots λ_min
+    assert result.residual > result.tolerance
+
+
+def test_paper_recipe_finds_lambda_max_and_reports_honestly():
+    model = tiny_mlp()
+    x = image((2, 3, 3)).float()
+    op = HessianAtTruth(GradientOracle(model, dtype=torch.float64), x, 1)
+    fd_op = HessianAtTruth(GradientOracle(model), x, 1)  # the model's own float32, as in the paper
+    loss = get_loss("l2")
+    expected = np.linalg.eigvalsh(reference_hessian(op, loss))
+    config = SolverConfig(paper_iterations=300, paper_fd_step=1e-2)
+    top, bottom = paper_extremes(fd_op, op, loss, config)
+    assert math.isclose(top.value, expected[-1], rel_tol=1e-3)
+    assert top.method == bottom.method == "paper"
+    for result in (top, bottom):
+        assert result.converged == (result.residual <= config.tol)
+        assert 1 <= result.iterations <= 300
+    short = paper_extremes(fd_op, op, loss, SolverConfig(paper_iterations=3))[1]
+    assert not short.converged and short.iterations == 3 and "budget" in short.note
+
+
+def test_power_iteration_on_a_known_spectrum():
+    diagonal = torch.tensor([1.0, 2.0, 5.0, 10.0], dtype=torch.float64)
+
+    def apply(v):
+        return diagonal * v
+
+    start = torch.ones(4, dtype=torch.float64)
+    steps = list(power_iteration(apply, start, max_iterations=200))
+    assert math.isclose(steps[-1].value, 10.0, rel_tol=1e-12) and steps[-1].residual < 1e-10
+    assert [s.iteration for s in steps] == list(range(1, 201))
+    shifted = list(power_iteration(apply, start, shift=10.0, max_iterations=200))
+    assert math.isclose(shifted[-1].value, 1.0, rel_tol=1e-10)
+
+
+def test_loss_with_a_kink_at_the_truth_is_refused(mlp_op):
+    def l1(g, g_star, layout=None):
+        return torch.sum(torch.abs(g - g_star))
+
+    with pytest.raises(ProxyError, match="'l1' is not twice differentiable"):
+        solve(mlp_op, [MatchingLoss("l1", "sum of absolute differences", l1)], "exact")
+
+
+def test_loss_with_a_non_finite_hessian_is_refused(mlp_op):
+    def root(g, g_star, layout=None):
+        return torch.sqrt(torch.sum((g - g_star) ** 2))
+
+    with pytest.raises(ProxyError, match="'root'"):
+        solve(mlp_op, [MatchingLoss("root", "unsquared distance", root)], "lanczos")
+    with pytest.raises(ProxyError, match="non-finite"):  # the dense path checks too
+        mlp_op.dense(MatchingLoss("root", "unsquared distance", root), closed_form=False)
+
+
+def test_zero_gradient_makes_the_cosine_hessian_undefined():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1000.0, 0.0]))  # softmax is exactly one-hot: g* = 0
+    op = HessianAtTruth(GradientOracle(model, dtype=torch.float64), image((1, 2, 2)), 0)
+    assert op.g_norm == 0
+    with pytest.raises(ProxyError, match="cosine"):
+        solve(op, [get_loss("cos")], "exact")
+
+
+def test_bad_solver_settings():
+    with pytest.raises(ConfigError):
+        SolverConfig(precision="float16")
+    with pytest.raises(ConfigError):
+        SolverConfig(tol=0)
+    with pytest.raises(ConfigError):
+        SolverConfig(paper_iterations=0)
+    with pytest.raises(ConfigError, match="unknown eigen-solver"):
+        solve(HessianAtTruth(GradientOracle(tiny_mlp()), image((2, 3, 3)).float(), 0), [get_loss("l2")],
+              "power")
