@@ -58,7 +58,7 @@ def test_attack_on_a_user_image_with_inferred_label(capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["attack", "--arch", "transformer"], "unknown architecture"),
     (["attack", "--preset", "magic"], "unknown attack preset"),
-    (["attack", "--steps", "0"], "--steps must be a positive"),
+    (["attack", "--steps", "0"], "steps must be a positive integer"),
     (["attack", "--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "--download"),
     (["attack", "--weights", "/nonexistent.pt"], "does not exist"),
 ])
