@@ -1,0 +1,247 @@
+"""Attack: run a preset on the sidebar's image and watch the reconstruction converge, live.
+
+The attack runs in a daemon thread (:class:`lavp_core.jobs.BackgroundAttack`) kept in this session's
+state; a fragment redraws the latest snapshot twice a second, so the page stays responsive, Stop works,
+and other clicks (even on other pages) do not lose the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from lavp_core.analytic import check_rconv_supported
+from lavp_core.attacks import get_preset
+from lavp_core.data import DatasetInfo
+from lavp_core.errors import LavpError
+from lavp_core.jobs import BackgroundAttack
+from lavp_core.losses import list_losses
+from lavp_core.metrics import score_reconstruction
+from lavp_core.runner import AttackRequest, PresetRun, load_all_presets
+from lavp_core.scenario import ScenarioConfig
+from pages import _shared as ui
+
+ui.ensure_entry_file()
+
+# Demo settings per preset: the default (lavp-paper on lenet) shows its first frame well under 2 s and
+# ends within 30 s on a 2-core CPU. The presets' full settings are the command line's defaults.
+DEMO = {
+    "dlg": {"steps": 10, "restarts": 1},
+    "idlg": {"steps": 10, "restarts": 1},
+    "ig": {"steps": 300, "restarts": 1},
+    "lavp-paper": {"steps": 1000, "restarts": 2},
+    "gifd": {"steps": 200, "restarts": 2},
+}
+FIRST_FRAME_WAIT = 1.0  # seconds the Run button waits for the first snapshot before the page is redrawn
+TV_CHOICES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+K_PRESET, K_LOSS, K_STEPS, K_LR, K_TV, K_RESTARTS = ("attack.preset", "attack.loss", "attack.steps", "attack.lr",
+                                                    "attack.tv", "attack.restarts")
+K_RECORD, K_ERROR, K_PROXY_METHOD = "attack.record", "attack.error", "attack.proxy_method"
+PROXY_METHODS = {"paper": "the paper's recipe (seconds)", "exact": "exact (about a minute on 2 cores)"}
+
+
+@dataclass
+class AttackRecord:
+    """One session's attack: what was attacked, with which settings, and the running job."""
+
+    config: ScenarioConfig
+    request: AttackRequest
+    kind: str
+    description: str
+    truth01: torch.Tensor  # (C, H, W) in [0, 1]
+    info: DatasetInfo
+    job: BackgroundAttack
+
+
+def apply_preset_defaults() -> None:
+    """Put the chosen preset's demo settings into the widgets (on a change of preset)."""
+    preset = get_preset(st.session_state[K_PRESET])
+    config = preset.config
+    demo = DEMO.get(preset.name, {})
+    st.session_state[K_LOSS] = config.loss
+    st.session_state[K_STEPS] = int(demo.get("steps", min(config.steps, 1000)))
+    st.session_state[K_RESTARTS] = int(demo.get("restarts", config.restarts))
+    st.session_state[K_LR] = float(config.lr)
+    st.session_state[K_TV] = min(TV_CHOICES, key=lambda v: abs(v - config.tv_weight))
+
+
+def start_attack(config: ScenarioConfig, request: AttackRequest) -> None:
+    """Run button: build the attack here (bad settings fail at once), then iterate it in a thread."""
+    st.session_state.pop(K_ERROR, None)
+    record = st.session_state.get(K_RECORD)
+    if record is not None and not record.job.finished:
+        return
+    try:
+        scenario = ui.load_scenario(config)
+        preset = get_preset(request.preset)
+        if preset.kind == "analytic":
+            check_rconv_supported(scenario.model, scenario.info.image_shape)
+        steps = request.steps or preset.config.steps
+        run = PresetRun(scenario.model, scenario.image, scenario.label, scenario.info, request,
+                        generator=torch.Generator().manual_seed(int(config.seed)),
+                        snapshot_every=max(1, steps // 60))
+    except LavpError as exc:
+        hint = (" Choose the architecture cnn-rconv or mlp-rconv in the sidebar (R-CONV inverts only such "
+                "models), or another preset." if "rconv" in request.preset else "")
+        st.session_state[K_ERROR] = f"{exc}{hint}"
+        return
+    except Exception as exc:  # a bug: one line, not a traceback
+        st.session_state[K_ERROR] = f"The attack could not start ({type(exc).__name__}: {exc})."
+        return
+
+    truth, info = scenario.image, scenario.info
+
+    def summarize(outcome):
+        return score_reconstruction(outcome.reconstruction, truth, info)
+
+    job = BackgroundAttack(run, summarize=summarize, name=f"lavp-attack-{request.preset}").start()
+    job.wait_first_snapshot(FIRST_FRAME_WAIT)  # so that the page drawn next already shows the first frame
+    st.session_state[K_RECORD] = AttackRecord(config, request, preset.kind, scenario.description,
+                                              scenario.image01[0], scenario.info, job)
+
+
+def stop_attack() -> None:
+    record = st.session_state.get(K_RECORD)
+    if record is not None:
+        record.job.stop()
+
+
+def render_live(record: AttackRecord) -> None:
+    """The live part of a run, redrawn by a fragment while it runs: reconstruction, loss curve, progress.
+    (The ground truth, drawn once outside, is not sent again on every redraw.)"""
+    view = record.job.view()
+    rec_col, curve_col = st.columns([1, 2])
+    if view.outcome is not None and view.outcome.reconstruction is not None:
+        final = record.info.denormalize(view.outcome.reconstruction.detach().float().cpu())[0]
+        rec_col.image(ui.upscale(final), caption=f"reconstruction ({view.state}, {view.outcome.steps} steps)",
+                      output_format="PNG")
+    elif view.snapshot is not None:
+        stage = getattr(view.snapshot, "stage", None)
+        text = f"step {view.snapshot.step} / {view.snapshot.total_steps}" + (
+            f" · stage {stage}" if stage is not None and record.kind == "generative" else "")
+        rec_col.image(ui.upscale(view.snapshot.image01), caption=f"reconstruction, {text}", output_format="PNG")
+    elif view.running:
+        rec_col.info("starting…", icon=":material/hourglass_top:")
+    if record.kind == "analytic":
+        curve_col.caption("R-CONV solves linear systems layer by layer: there is no loss curve.")
+    elif view.history:
+        curve_col.plotly_chart(ui.loss_curve(view.history), config={"displayModeBar": False})
+    loss_now = view.snapshot.matching_loss if view.snapshot is not None else math.nan
+    label = (f"{view.state} · {view.elapsed:.1f} s · matching loss {ui.fmt(loss_now)}"
+             + (" · stopping…" if view.running and view.stop_requested else ""))
+    st.progress(view.fraction, text=label)
+    if view.error is not None:
+        ui.show_job_error(view.error)
+
+
+def render_outcome(record: AttackRecord, view) -> None:
+    outcome = view.outcome
+    st.subheader("Similarity to the ground truth")
+    left, right = st.columns([1, 1])
+    if view.summary is not None:
+        left.dataframe(ui.metrics_frame(view.summary), hide_index=True)
+    facts = [("preset", outcome.preset), ("final matching loss", ui.fmt(outcome.matching_loss)),
+             ("steps", str(outcome.steps)), ("seconds", f"{outcome.seconds:.1f}"),
+             ("first frame after (s)", ui.fmt(view.first_frame_seconds, 3)),
+             ("label used / true", f"{outcome.label_used} / {outcome.label_true}"),
+             ("stopped early", "yes" if outcome.cancelled else "no")]
+    right.dataframe(pd.DataFrame(facts, columns=["", "value"]), hide_index=True)
+    if outcome.details.get("warning"):
+        st.warning(outcome.details["warning"])
+    stages = outcome.details.get("stages")
+    if stages:
+        st.markdown("**GIFD stages** (the kept candidate after each stage; the best stage is the outcome)")
+        st.image([ui.upscale(s.image01, 4) for s in stages],
+                 caption=[f"{s.name}: loss {ui.fmt(s.matching_loss, 3)}" for s in stages], output_format="PNG")
+    layers = outcome.details.get("layers")
+    if layers:
+        st.markdown(f"**R-CONV, layer by layer** (gradient residual "
+                    f"{ui.fmt(outcome.details.get('gradient_residual'), 3)})")
+        st.dataframe(pd.DataFrame([dataclasses.asdict(layer) for layer in layers]), hide_index=True)
+
+
+def render_proxies(record: AttackRecord) -> None:
+    """This image's proxies, computed in the background once the attack has ended."""
+    st.subheader("This image's vulnerability proxies")
+    method = st.radio("Eigen-solver", list(PROXY_METHODS), format_func=PROXY_METHODS.get, horizontal=True,
+                      key=K_PROXY_METHOD)
+    task = ui.proxies_task(record.config, method)
+
+    def render() -> None:
+        view = task.view()
+        if view.running:
+            st.progress(view.progress, text=f"computing the proxies ({method})… {view.elapsed:.0f} s")
+        elif view.error is not None:
+            ui.show_job_error(view.error)
+        elif view.result is not None:
+            st.dataframe(ui.proxies_frame(view.result), hide_index=True)
+            st.caption(f"{view.result.method} solver, {view.result.seconds:.1f} s. Larger values predict a worse "
+                       f"reconstruction under that loss; the Proxies page has the spectra and a solver comparison.")
+
+    ui.live_area(render, lambda: not task.finished)
+
+
+# --------------------------------------------------------------------------------------------
+# Page
+
+scenario = ui.require_scenario()
+ui.warm_up_engine()
+st.title("Attack")
+st.caption(f"Client image: {scenario.description} · model {scenario.config.arch} "
+           f"({ui.describe_config(scenario.config)})")
+
+presets = {p.name: p for p in load_all_presets()}
+if K_PRESET not in st.session_state:
+    st.session_state[K_PRESET] = "lavp-paper"
+    apply_preset_defaults()
+name = st.selectbox("Preset", list(presets), key=K_PRESET, on_change=apply_preset_defaults,
+                    format_func=lambda n: f"{n}: {presets[n].description}")
+preset = presets[name]
+fixed = preset.kind == "analytic"
+cols = st.columns(5)
+loss = cols[0].radio("Matching loss", [loss.name for loss in list_losses()], key=K_LOSS, disabled=fixed,
+                     help="l2: ½‖g − g*‖² (DLG); cos: 1 − cosine over all layers (Inverting Gradients)")
+steps = cols[1].number_input("Steps", min_value=1, max_value=20_000, step=50, key=K_STEPS, disabled=fixed,
+                             help="GIFD: the total over its stages; DLG/iDLG: L-BFGS steps of 20 iterations")
+lr = cols[2].number_input("Learning rate", min_value=1e-5, max_value=10.0, format="%.4g", key=K_LR,
+                          disabled=fixed)
+tv = cols[3].select_slider("TV weight", TV_CHOICES, key=K_TV, disabled=fixed, format_func=lambda v: f"{v:g}")
+restarts = cols[4].number_input("Restarts", min_value=1, max_value=16, step=1, key=K_RESTARTS, disabled=fixed,
+                                help="random starts; the best final matching loss wins")
+if fixed:
+    st.caption("R-CONV is analytical: it has no settings and needs the cnn-rconv or mlp-rconv architecture.")
+request = AttackRequest(preset=name, loss=None if fixed else loss, steps=None if fixed else int(steps),
+                        restarts=None if fixed else int(restarts), lr=None if fixed else float(lr),
+                        tv_weight=None if fixed else float(tv))
+
+record: AttackRecord | None = st.session_state.get(K_RECORD)
+running = record is not None and not record.job.finished
+run_col, stop_col, _ = st.columns([1, 1, 6])
+run_col.button("Run", type="primary", icon=":material/play_arrow:", disabled=running, on_click=start_attack,
+               args=(scenario.config, request), key="btn.attack.run")
+stop_col.button("Stop", icon=":material/stop:", disabled=not running, on_click=stop_attack, key="btn.attack.stop")
+if st.session_state.get(K_ERROR):
+    st.error(st.session_state[K_ERROR], icon=":material/error:")
+
+record = st.session_state.get(K_RECORD)
+if record is None:
+    st.info("Choose a preset and press **Run**. The default (the paper's protocol, 1000 steps, 2 restarts) takes "
+            "about 10–25 s on a 2-core CPU; switch the matching loss between l2 and cos to see how differently the "
+            "same image comes back.", icon=":material/info:")
+else:
+    if record.config != scenario.config or record.request != request:
+        st.caption(f"Showing the last run: {record.description}, preset {record.request.preset}"
+                   + (f", {record.request.loss} loss" if record.request.loss else ""))
+    truth_col, live_col = st.columns([1, 3])
+    truth_col.image(ui.upscale(record.truth01), caption="ground truth", output_format="PNG")
+    with live_col:
+        ui.live_area(lambda: render_live(record), lambda: not record.job.finished)
+    view = record.job.view()
+    if view.finished and view.outcome is not None:
+        render_outcome(record, view)
+        render_proxies(record)

@@ -1,0 +1,302 @@
+"""AppTest for every page of the Streamlit app (the real code paths, background threads included)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from lavp_core import jobs
+from lavp_core.data import load_dataset
+from lavp_core.metrics import to_uint8_image
+from lavp_core.store import open_store
+from lavp_core.study import canonical_json, load_results, sha256_text
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+PAGES = ("guide", "attack", "proxies", "study", "rankings")
+BUNDLED = ROOT / "assets" / "study" / "photos-default.sqlite"
+
+# A made-up study of six images on lenet: the L2 attack's MSE grows with the image's position in the list
+# and the cosine attack's shrinks (their rankings disagree), l2_max follows the L2 MSE and cos_min the
+# cosine MSE (each loss's LAVP predicts its own ranking), grad_norm follows neither.
+FAKE_IMAGES = (3, 8, 15, 22, 40, 77)
+FAKE_MSE = {"l2": (0.010, 0.020, 0.030, 0.040, 0.050, 0.060), "cos": (0.060, 0.050, 0.040, 0.030, 0.020, 0.010)}
+FAKE_GRAD_NORM = (5.0, 1.0, 4.0, 2.0, 6.0, 3.0)
+
+
+def _png(image01) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8_image(image01)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_study_db(path: Path, arch: str = "lenet") -> Path:
+    """Write a tiny results database through the store API (rows as a study writes them)."""
+    data = load_dataset("photos", "val")
+    with open_store(path) as store:
+        keys = []
+        for k, index in enumerate(FAKE_IMAGES):
+            truth, label = data[index]
+            proxy_key = sha256_text(f"fake-proxies-{index}-{arch}")
+            values = {"grad_norm": FAKE_GRAD_NORM[k], "l2_max": 1e4 * FAKE_MSE["l2"][k],
+                      "l2_min": 1e-6 * (k + 1), "cos_max": 0.01 * (6 - k), "cos_min": 1e-3 * FAKE_MSE["cos"][k]}
+            values["fusion"] = math.sqrt(values["l2_max"] * values["cos_min"])
+            proxies = [{"proxy": name, "flavour": flavour, "method": "exact" if flavour == "exact" else "paper",
+                        "value": value * (1.0 if flavour == "exact" else 1.01), "residual": 1e-9,
+                        "converged": True, "iterations": 10, "seconds": 0.1, "note": ""}
+                       for flavour in ("exact", "paper") for name, value in values.items()]
+            for loss in ("l2", "cos"):
+                config = {"fake": True, "index": index, "arch": arch, "loss": loss}
+                key = sha256_text(canonical_json(config))
+                keys.append(key)
+                mse = FAKE_MSE[loss][k]
+                noisy = (truth + (0.5 - truth) * min(1.0, 8 * mse)).clamp(0, 1)
+                store.write_job({
+                    "job_key": key, "proxy_key": proxy_key, "study": "fake", "config_json": canonical_json(config),
+                    "dataset": "photos", "split": "val", "image_index": index, "arch": arch, "weights": "random",
+                    "seed": 0, "loss": loss, "preset": "lavp-paper", "attack_json": json.dumps({"loss": loss}),
+                    "attack_seed": 1, "status": "done", "label": label, "label_used": label,
+                    "image_description": data.describe(index), "matching_loss": mse / 10, "steps": 10,
+                    "mse": mse, "psnr": 10 * math.log10(1 / mse), "ssim": 1 - 5 * mse, "lpips": None,
+                    "lpips_reason": "AlexNet weights are not cached", "truth_png": _png(truth),
+                    "reconstruction_png": _png(noisy)}, proxies)
+        store.register_study(sha256_text("fake-study"), "fake", "{}", keys)
+    return path
+
+
+@pytest.fixture(scope="session")
+def study_db(tmp_path_factory) -> Path:
+    return make_study_db(tmp_path_factory.mktemp("study") / "fake.sqlite")
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_jobs():
+    """Let no background attack or computation of one test run on into the next."""
+    yield
+    jobs.stop_all(wait=180)
+
+
+def app(study_db: Path | None = None, monkeypatch=None) -> AppTest:
+    if monkeypatch is not None and study_db is not None:
+        monkeypatch.setenv("LAVP_STUDY_DB", str(study_db))
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def frames(at: AppTest) -> list[pd.DataFrame]:
+    return [d.value for d in at.dataframe]
+
+
+def metrics_table(at: AppTest) -> pd.DataFrame | None:
+    for frame in frames(at):
+        if "score" in frame.columns and "MSE" in set(frame["score"]):
+            return frame
+    return None
+
+
+def proxies_table(at: AppTest) -> pd.DataFrame | None:
+    for frame in frames(at):
+        if "proxy" in frame.columns and "meaning" in frame.columns:
+            return frame
+    return None
+
+
+def wait_for(at: AppTest, found, timeout: float = 180.0, what: str = "the result"):
+    """Rerun the script (as the page's polling fragment would) until ``found(at)`` is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        value = found(at)
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not appear within {timeout:.0f} s; errors: "
+                                 f"{[e.value for e in at.error]}")
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(page, study_db, monkeypatch):
+    at = open_page(app(study_db, monkeypatch), page)
+    assert not at.error, [e.value for e in at.error]
+    assert at.title, f"page {page} has no title"
+
+
+def test_guide_shows_both_hessians_as_latex():
+    at = app()
+    formulas = " ".join(e.value for e in at.latex)
+    assert "H_{L2}" in formulas and "H_{\\cos}" in formulas
+    assert "J(x^*)^\\top" in formulas
+
+
+def test_a_page_run_alone_reruns_through_the_entry_file():
+    """A fresh server (and AppTest before every run) may run a page file alone, as an old-style multipage app
+    would; the page then reruns through app.py so the sidebar and the navigation are there."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    at = app()
+    open_page(at, "attack")
+    PagesManager.uses_pages_directory = True  # what a fresh server believes with a pages/ folder
+    at.run()
+    assert not at.exception and PagesManager.uses_pages_directory is False
+    assert at.sidebar.number_input(key="side.index").value == 0 and at.title[0].value == "Attack"
+
+
+def test_sidebar_choices_survive_page_switches():
+    at = app()
+    at.number_input(key="side.index").set_value(7)
+    at.selectbox(key="side.arch").set_value("alexnet")
+    at.run()
+    open_page(at, "proxies")
+    open_page(at, "guide")
+    open_page(at, "proxies")
+    assert at.number_input(key="side.index").value == 7 and at.selectbox(key="side.arch").value == "alexnet"
+    config = at.session_state["side.config"]
+    assert (config.index, config.arch) == (7, "alexnet")
+    assert "#7" in at.caption[0].value and "alexnet" in at.caption[0].value
+
+
+def test_attack_runs_in_the_background_and_shows_metrics_and_proxies():
+    at = open_page(app(), "attack")
+    assert at.selectbox(key="attack.preset").value == "lavp-paper"
+    at.number_input(key="attack.steps").set_value(20)
+    at.number_input(key="attack.restarts").set_value(1)
+    at.radio(key="attack.loss").set_value("l2")
+    at.button(key="btn.attack.run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = wait_for(at, metrics_table, what="the metrics table")
+    assert list(table["score"]) == ["MSE", "PSNR (dB)", "SSIM", "LPIPS"]
+    assert float(table.loc[table["score"] == "MSE", "value"].iloc[0]) > 0
+    lpips = table[table["score"] == "LPIPS"].iloc[0]
+    assert lpips["value"] == "unavailable" and lpips["note"] or float(lpips["value"]) >= 0
+    captions = [c for image in at.main.image for c in (image.proto.imgs[0].caption,)]
+    assert "ground truth" in captions and any(c.startswith("reconstruction (done") for c in captions), captions
+    proxies = wait_for(at, proxies_table, what="the proxies table")
+    assert {"grad_norm", "l2_max", "l2_min", "cos_max", "cos_min", "fusion"} <= set(proxies["proxy"])
+    assert not at.button(key="btn.attack.run").disabled
+
+
+def test_stop_ends_a_long_attack_and_other_clicks_keep_its_state():
+    at = open_page(app(), "attack")
+    at.number_input(key="attack.steps").set_value(5000)
+    at.button(key="btn.attack.run").click().run()
+    record = at.session_state["attack.record"]
+    assert at.button(key="btn.attack.stop").disabled is False
+    at.number_input(key="side.index").set_value(3).run()  # another click: the run goes on
+    assert at.session_state["attack.record"] is record
+    assert any("Showing the last run" in c.value for c in at.caption)
+    at.button(key="btn.attack.stop").click().run()
+    assert record.job.wait(60), "Stop did not end the attack"
+    at.run()
+    view = record.job.view()
+    assert view.state == "cancelled" and view.outcome.cancelled and view.outcome.steps < 5000
+    facts = next(f for f in frames(at) if "" in f.columns and "stopped early" in set(f[""]))
+    assert facts.loc[facts[""] == "stopped early", "value"].iloc[0] == "yes"
+
+
+def test_two_sessions_do_not_share_attack_state():
+    first, second = open_page(app(), "attack"), open_page(app(), "attack")
+    first.number_input(key="attack.steps").set_value(5000)
+    first.button(key="btn.attack.run").click().run()
+    second.run()
+    assert "attack.record" not in second.session_state
+    assert any("press **Run**" in i.value for i in second.info)
+    first.button(key="btn.attack.stop").click().run()
+
+
+def test_rconv_on_an_unsupported_architecture_is_an_error_box_not_a_traceback():
+    at = app()
+    at.selectbox(key="side.arch").set_value("alexnet").run()
+    open_page(at, "attack")
+    at.selectbox(key="attack.preset").set_value("rconv").run()
+    assert at.number_input(key="attack.steps").disabled  # R-CONV has no settings
+    at.button(key="btn.attack.run").click().run()
+    assert not at.exception
+    assert at.error and "pooling" in at.error[0].value and "cnn-rconv" in at.error[0].value
+    assert "attack.record" not in at.session_state
+
+
+def test_unreadable_upload_is_an_error_box():
+    at = app()
+    at.selectbox(key="side.dataset").set_value("upload an image").run()
+    at.file_uploader(key="side.upload").upload("photo.png", b"this is not an image", "image/png").run()
+    assert not at.exception
+    assert at.error and "not a readable image" in at.error[0].value
+
+
+def test_study_page_plots_and_tabulates_the_database(study_db, monkeypatch):
+    at = open_page(app(study_db, monkeypatch), "study")
+    charts = at.get("plotly_chart")
+    assert charts, "no scatter plot"
+    figure = json.loads(charts[0].proto.spec)
+    titles = [a["text"] for a in figure["layout"]["annotations"]]
+    assert len(titles) == 6 and all("σ_S" in t for t in titles)
+    assert figure["layout"]["xaxis"]["type"] == "log" and figure["layout"]["yaxis"]["type"] == "log"
+    assert any(t.startswith("l2_max: σ_S = +1.00") for t in titles)  # l2_max follows the L2 MSE exactly
+    table = next(f for f in frames(at) if f.index.name == "σ_S")
+    assert {"photos+L2", "photos+CS"} <= set(table.index)
+    assert {"grad_norm", "l2_max", "cos_min"} <= set(table.columns)
+    assert len(at.get("download_button")) == 2
+    at.radio(key="study.flavour").set_value("paper").run()
+    assert not at.exception and at.get("plotly_chart")
+
+
+def test_study_page_without_a_database_says_how_to_make_one(tmp_path, monkeypatch):
+    at = open_page(app(tmp_path / "missing.sqlite", monkeypatch), "study")
+    assert not at.error
+    assert any("python -m lavp_core study" in i.value for i in at.info)
+
+
+def test_study_page_refuses_a_file_that_is_not_a_database(tmp_path, monkeypatch):
+    bad = tmp_path / "notes.sqlite"
+    bad.write_text("hello")
+    at = open_page(app(), "study")
+    at.radio(key="study.source").set_value("file").run()
+    at.text_input(key="study.path").set_value(str(bad)).run()
+    assert not at.exception
+    assert at.error and "not an SQLite database" in at.error[0].value
+
+
+def test_rankings_page_shows_both_rankings_and_their_predictors(study_db, monkeypatch):
+    at = open_page(app(study_db, monkeypatch), "rankings")
+    assert not at.error, [e.value for e in at.error]
+    headers = [m.value for m in at.markdown if m.value.startswith("####")]
+    assert len(headers) == 2 and "L2 attack" in headers[0] and "Cosine attack" in headers[1]
+    l2_ranking, cos_ranking = (h.split(": ", 1)[1] for h in headers)
+    assert l2_ranking == " > ".join(reversed(cos_ranking.split(" > ")))  # the made-up losses disagree fully
+    table = next(f for f in frames(at) if "predicted ranking" in f.columns)
+    row = table.set_index("proxy")
+    assert row.loc["l2_max", "matches L2"] == "✓" and row.loc["cos_min", "matches CS"] == "✓"
+    assert row.loc["grad_norm", "matches L2"] == "" and row.loc["grad_norm", "matches CS"] == ""
+
+
+def test_default_four_images_are_those_whose_rankings_disagree(study_db):
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from pages._shared import pick_disagreeing_images
+
+    df = load_results(study_db)
+    chosen = pick_disagreeing_images(df, "lenet", count=4)
+    assert len(chosen) == 4 and set(chosen) <= set(FAKE_IMAGES)
+    sub = df[df["image_index"].isin(chosen)]
+    l2 = sub[sub["loss"] == "l2"].sort_values("mse")["image_index"].tolist()
+    cos = sub[sub["loss"] == "cos"].sort_values("mse")["image_index"].tolist()
+    assert l2 == list(reversed(cos))

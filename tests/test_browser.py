@@ -1,0 +1,182 @@
+"""End to end: `streamlit run app.py` on a free loopback port, driven by Debian's chromium with Playwright.
+
+Visits every page from the navigation, runs a short attack, checks that the reconstruction and the study's
+scatter plot render and that no error box or traceback appears, and saves a screenshot of each page under
+``test-artifacts/browser/`` (ignored by git). Needs the Debian package ``chromium`` (``.ci/run`` installs
+it when missing): without it this test fails, it does not skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+BUNDLED = ROOT / "assets" / "study" / "photos-default.sqlite"
+TITLES = ("Guide", "Attack", "Proxies", "Study", "Rankings")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+START_SECONDS = 180
+PAGE_MS = 120_000
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def chromium_path() -> str:
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.fail("Debian's chromium is not installed: run 'apt-get install -y chromium' (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app served by `streamlit run` on a free loopback port; yields its URL."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if not BUNDLED.is_file():  # the bundled study is not there yet: serve a small made-up one
+        from test_app import make_study_db
+
+        env["LAVP_STUDY_DB"] = str(make_study_db(tmp_path_factory.mktemp("browser") / "study.sqlite"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = open(ARTIFACTS / "streamlit.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.address",
+         "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start (see {ARTIFACTS / 'streamlit.log'})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright for Python is missing: pip install -r requirements-dev.txt")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def wait_until_idle(page) -> None:
+    """Wait until the script run has finished (the 'running' indicator is gone)."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=PAGE_MS)
+    wait_for_images(page)
+
+
+def wait_for_images(page) -> None:
+    """Wait until every image on the page has loaded (before a screenshot or a check)."""
+    page.wait_for_function("() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+                           timeout=PAGE_MS)
+
+
+def assert_no_error(page, where: str) -> None:
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    exceptions = page.locator('[data-testid="stException"]')
+    assert errors.count() == 0, f"{where}: error box: {errors.first.inner_text()}"
+    assert exceptions.count() == 0, f"{where}: traceback: {exceptions.first.inner_text()}"
+
+
+def open_page(page, title: str, heading: str | None = None) -> None:
+    page.locator('[data-testid="stSidebarNavLink"]', has_text=title).click()
+    page.get_by_role("heading", level=1).filter(has_text=heading or title).wait_for(timeout=PAGE_MS)
+    wait_until_idle(page)
+
+
+def test_every_page_in_a_real_browser(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(PAGE_MS)
+    # A fresh server's first visit goes straight to a page: it must still get the sidebar and the menu of
+    # the intended titles only (not every file of pages/).
+    page.goto(f"{server}/proxies")
+    page.get_by_role("heading", level=1).filter(has_text="Proxies").wait_for()
+    wait_until_idle(page)
+    assert page.get_by_text("Client image and model").count() == 1
+    open_page(page, "Guide", heading="LAVP Explorer")
+
+    links = page.locator('[data-testid="stSidebarNavLink"]')
+    texts = [links.nth(i).inner_text() for i in range(links.count())]
+    assert len(texts) == len(TITLES), texts
+    for text, title in zip(texts, TITLES):
+        assert text.strip().endswith(title), texts
+    assert page.locator(".katex-display").count() >= 2  # the two Hessians, typeset
+    assert_no_error(page, "Guide")
+    page.screenshot(path=str(ARTIFACTS / "1-guide.png"), full_page=True)
+
+    open_page(page, "Attack")
+    steps = page.get_by_role("spinbutton", name="Steps")
+    steps.fill("40")
+    steps.press("Enter")
+    wait_until_idle(page)
+    page.get_by_role("button", name=re.compile(r"Run$")).click()
+    page.get_by_text(re.compile(r"^reconstruction, step|^reconstruction \(")).first.wait_for()  # the live view
+    page.get_by_text(re.compile(r"^reconstruction \(done")).wait_for()
+    page.get_by_text("Similarity to the ground truth").wait_for()
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()  # the metrics table
+    wait_until_idle(page)
+    page.screenshot(path=str(ARTIFACTS / "2-attack.png"), full_page=True)
+    figure = page.locator('[data-testid="stImage"]', has=page.get_by_text(re.compile(r"^reconstruction \(done")))
+    image = figure.locator("img")
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+    assert_no_error(page, "Attack")
+
+    open_page(page, "Proxies")
+    assert_no_error(page, "Proxies")
+    page.screenshot(path=str(ARTIFACTS / "3-proxies.png"), full_page=True)
+
+    open_page(page, "Study")
+    chart = page.locator('[data-testid="stPlotlyChart"]')
+    chart.first.wait_for()
+    points = chart.first.locator(".scatterlayer .point")
+    points.first.wait_for(state="attached")
+    assert points.count() > 0
+    assert_no_error(page, "Study")
+    page.screenshot(path=str(ARTIFACTS / "4-study.png"), full_page=True)
+
+    open_page(page, "Rankings")
+    page.get_by_text(re.compile(r"L2 attack:")).first.wait_for()
+    page.get_by_text(re.compile(r"Cosine attack:")).first.wait_for()
+    assert_no_error(page, "Rankings")
+    page.screenshot(path=str(ARTIFACTS / "5-rankings.png"), full_page=True)
+    page.close()
