@@ -28,6 +28,12 @@ from .runner import AttackOutcome, PresetRun
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
 EXIT_WAIT_SECONDS = 10.0
 
+# PyTorch's forward-mode AD levels (torch.func.jvp, used by the Hessian-vector products of
+# lavp_core.hessian) are process-global: two threads computing proxies at once corrupt each other's
+# levels ("Trying to access a forward AD level with an invalid index"). Background work that computes
+# proxies holds this lock; attacks (reverse mode only) need not.
+FORWARD_AD_LOCK = threading.Lock()
+
 _live: weakref.WeakSet = weakref.WeakSet()  # jobs whose worker thread may still run
 _live_lock = threading.Lock()
 

@@ -23,7 +23,7 @@ import torch
 
 from lavp_core.data import load_dataset, load_image
 from lavp_core.errors import LavpError
-from lavp_core.jobs import BackgroundAttack, BackgroundTask, TaskControl, TaskPool
+from lavp_core.jobs import FORWARD_AD_LOCK, BackgroundAttack, BackgroundTask, TaskControl, TaskPool
 from lavp_core.metrics import to_uint8_image
 from lavp_core.models import list_models, trained_checkpoint_path
 from lavp_core.runner import AttackRequest, PresetRun
@@ -410,14 +410,21 @@ def live_area(render: Callable[[], None], is_running: Callable[[], bool], *, int
     st.fragment(run_every=interval if polling else None)(body)()
 
 
+METHOD_WORK = {"exact": "forming the dense Hessians and diagonalising them",
+               "lanczos": "running Lanczos iterations", "paper": "running the paper's power iterations"}
+
+
 def proxies_task(config: ScenarioConfig, method: str) -> BackgroundTask:
     """The shared background computation of every proxy of ``config``'s image with ``method``."""
     from lavp_core.proxies import compute_proxies
 
     def compute(control: TaskControl):
-        control.report(0.0, f"computing proxies ({method})")
-        scenario = load_scenario(config)
-        return compute_proxies(scenario.model, scenario.image, scenario.label, losses=("l2", "cos"), method=method)
+        control.report(0.0, "waiting for another proxy computation to end")
+        with FORWARD_AD_LOCK:  # one proxy computation at a time per process (see lavp_core.jobs)
+            control.report(0.0, METHOD_WORK.get(method, f"computing the proxies ({method})"))
+            scenario = load_scenario(config)
+            return compute_proxies(scenario.model, scenario.image, scenario.label, losses=("l2", "cos"),
+                                   method=method)
 
     return shared_tasks().submit(("proxies", config, method), compute, name=f"lavp-proxies-{method}")
 
@@ -478,7 +485,10 @@ def database_picker(prefix: str) -> str | None:
     if source == "file":
         path = st.text_input("Path of the results database", key=f"{prefix}.path",
                              help="made with: python -m lavp_core study --db PATH ...")
-        return path.strip() or None
+        if not path.strip():
+            st.info("Give the path of a results database made with `python -m lavp_core study --db PATH`.")
+            return None
+        return path.strip()
     if not default_db.is_file():
         st.info(create_study_hint(default_db), icon=":material/info:")
         return None
@@ -580,11 +590,13 @@ def new_attacks_task(config, db: str) -> BackgroundTask:
             if control.cancelled:
                 raise _Cancelled
 
-        control.report(0.0, f"0 of {total} attacks done")
-        try:
-            run_study(plan, db, workers=0, progress=False, on_job=on_job)
-        except _Cancelled:
-            pass
+        control.report(0.0, "waiting for a proxy computation to end")
+        with FORWARD_AD_LOCK:  # the jobs compute proxies in this process (see lavp_core.jobs)
+            control.report(0.0, f"0 of {total} attacks done")
+            try:
+                run_study(plan, db, workers=0, progress=False, on_job=on_job)
+            except _Cancelled:
+                pass
         df = load_results(db)
         keys = {job.key for job in plan.jobs}
         return df[df["job_key"].isin(keys)].reset_index(drop=True) if not df.empty else df

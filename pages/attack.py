@@ -42,7 +42,7 @@ TV_CHOICES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 K_PRESET, K_LOSS, K_STEPS, K_LR, K_TV, K_RESTARTS = ("attack.preset", "attack.loss", "attack.steps", "attack.lr",
                                                     "attack.tv", "attack.restarts")
 K_RECORD, K_ERROR, K_PROXY_METHOD = "attack.record", "attack.error", "attack.proxy_method"
-PROXY_METHODS = {"paper": "the paper's recipe (seconds)", "exact": "exact (about a minute on 2 cores)"}
+PROXY_METHODS = {"paper": "the paper's recipe (seconds)", "exact": "exact (20–60 s on 2 cores)"}
 
 
 @dataclass
@@ -70,9 +70,27 @@ def apply_preset_defaults() -> None:
     st.session_state[K_TV] = min(TV_CHOICES, key=lambda v: abs(v - config.tv_weight))
 
 
-def start_attack(config: ScenarioConfig, request: AttackRequest) -> None:
-    """Run button: build the attack here (bad settings fail at once), then iterate it in a thread."""
+def request_from_settings() -> AttackRequest:
+    """The attack the widgets describe (read from the session state, so a callback sees the latest values)."""
+    state = st.session_state
+    name = state[K_PRESET]
+    if get_preset(name).kind == "analytic":
+        return AttackRequest(preset=name)
+    return AttackRequest(preset=name, loss=state[K_LOSS], steps=int(state[K_STEPS]), restarts=int(state[K_RESTARTS]),
+                         lr=float(state[K_LR]), tv_weight=float(state[K_TV]))
+
+
+def start_attack() -> None:
+    """Run button: build the attack here (bad settings fail at once), then iterate it in a thread.
+
+    The settings are read when the button is pressed (not bound when it was drawn), so a value changed
+    just before the click is the one used."""
     st.session_state.pop(K_ERROR, None)
+    config = ui.current_config()
+    if config is None:
+        st.session_state[K_ERROR] = "Choose an image in the sidebar first."
+        return
+    request = request_from_settings()
     record = st.session_state.get(K_RECORD)
     if record is not None and not record.job.finished:
         return
@@ -175,7 +193,7 @@ def render_proxies(record: AttackRecord) -> None:
     def render() -> None:
         view = task.view()
         if view.running:
-            st.progress(view.progress, text=f"computing the proxies ({method})… {view.elapsed:.0f} s")
+            st.progress(view.progress, text=f"{view.message}… {view.elapsed:.0f} s")
         elif view.error is not None:
             ui.show_job_error(view.error)
         elif view.result is not None:
@@ -204,26 +222,24 @@ name = st.selectbox("Preset", list(presets), key=K_PRESET, on_change=apply_prese
 preset = presets[name]
 fixed = preset.kind == "analytic"
 cols = st.columns(5)
-loss = cols[0].radio("Matching loss", [loss.name for loss in list_losses()], key=K_LOSS, disabled=fixed,
+cols[0].radio("Matching loss", [loss.name for loss in list_losses()], key=K_LOSS, disabled=fixed,
                      help="l2: ½‖g − g*‖² (DLG); cos: 1 − cosine over all layers (Inverting Gradients)")
-steps = cols[1].number_input("Steps", min_value=1, max_value=20_000, step=50, key=K_STEPS, disabled=fixed,
+cols[1].number_input("Steps", min_value=1, max_value=20_000, step=50, key=K_STEPS, disabled=fixed,
                              help="GIFD: the total over its stages; DLG/iDLG: L-BFGS steps of 20 iterations")
-lr = cols[2].number_input("Learning rate", min_value=1e-5, max_value=10.0, format="%.4g", key=K_LR,
+cols[2].number_input("Learning rate", min_value=1e-5, max_value=10.0, format="%.4g", key=K_LR,
                           disabled=fixed)
-tv = cols[3].select_slider("TV weight", TV_CHOICES, key=K_TV, disabled=fixed, format_func=lambda v: f"{v:g}")
-restarts = cols[4].number_input("Restarts", min_value=1, max_value=16, step=1, key=K_RESTARTS, disabled=fixed,
+cols[3].select_slider("TV weight", TV_CHOICES, key=K_TV, disabled=fixed, format_func=lambda v: f"{v:g}")
+cols[4].number_input("Restarts", min_value=1, max_value=16, step=1, key=K_RESTARTS, disabled=fixed,
                                 help="random starts; the best final matching loss wins")
 if fixed:
     st.caption("R-CONV is analytical: it has no settings and needs the cnn-rconv or mlp-rconv architecture.")
-request = AttackRequest(preset=name, loss=None if fixed else loss, steps=None if fixed else int(steps),
-                        restarts=None if fixed else int(restarts), lr=None if fixed else float(lr),
-                        tv_weight=None if fixed else float(tv))
+request = request_from_settings()
 
 record: AttackRecord | None = st.session_state.get(K_RECORD)
 running = record is not None and not record.job.finished
 run_col, stop_col, _ = st.columns([1, 1, 6])
 run_col.button("Run", type="primary", icon=":material/play_arrow:", disabled=running, on_click=start_attack,
-               args=(scenario.config, request), key="btn.attack.run")
+               key="btn.attack.run")
 stop_col.button("Stop", icon=":material/stop:", disabled=not running, on_click=stop_attack, key="btn.attack.stop")
 if st.session_state.get(K_ERROR):
     st.error(st.session_state[K_ERROR], icon=":material/error:")

@@ -35,7 +35,7 @@ def spectra_figure(spectra: dict[str, np.ndarray]):
         fig.add_trace(go.Scattergl(x=rank[keep], y=values[keep], mode="lines", name=name), row=1, col=col)
         fig.update_yaxes(type="log", title_text="eigenvalue (log)" if col == 1 else None, row=1, col=col)
         fig.update_xaxes(title_text="rank (largest first)", row=1, col=col)
-    fig.update_layout(height=360, showlegend=False, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_layout(height=360, showlegend=False, margin={"l": 60, "r": 10, "t": 40, "b": 10})
     return fig
 
 
@@ -78,7 +78,7 @@ if exact_task is None or exact_task.view().error is not None:
     st.button("Compute the exact proxies and spectra", icon=":material/calculate:", key="btn.proxies.exact",
               on_click=ui.proxies_task, args=(config, "exact"),
               help=f"Forms the dense {scenario.image[0].numel()}×{scenario.image[0].numel()} Hessians with "
-                   f"Hessian-vector products: about a minute on 2 CPU cores. It keeps running if you leave "
+                   f"Hessian-vector products: 20–60 s on 2 CPU cores. It keeps running if you leave "
                    f"the page, and the result is kept for this image and model.")
 exact_task = ui.known_proxies_task(config, "exact")
 
@@ -86,7 +86,7 @@ exact_task = ui.known_proxies_task(config, "exact")
 def render_exact() -> None:
     view = exact_task.view()
     if view.running:
-        st.progress(view.progress, text=f"forming and diagonalising the Hessians… {view.elapsed:.0f} s")
+        st.progress(view.progress, text=f"{view.message}… {view.elapsed:.0f} s")
         return
     if view.error is not None:
         ui.show_job_error(view.error)
@@ -129,7 +129,7 @@ def render_comparison() -> None:
     views = {m: t.view() for m, t in tasks.items()}
     for method, view in views.items():
         if view.running:
-            st.progress(view.progress, text=f"{METHOD_LABELS[method]}: running… {view.elapsed:.0f} s")
+            st.progress(view.progress, text=f"{METHOD_LABELS[method]}: {view.message}… {view.elapsed:.0f} s")
         elif view.error is not None:
             ui.show_job_error(view.error)
     done = {m: v.result for m, v in views.items() if v.result is not None and v.error is None}

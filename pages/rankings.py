@@ -142,7 +142,7 @@ else:
     images = st.multiselect(f"Images of {config.dataset} (up to {COUNT})", list(range(len(table))),
                             key="rankings.new_images", max_selections=COUNT,
                             format_func=lambda i: f"#{i} ({table.class_names[table.labels[i]]})")
-    exact = st.toggle("Exact proxies too (about a minute per image on 2 cores)", key="rankings.exact")
+    exact = st.toggle("Exact proxies too (20–60 s more per image on 2 cores)", key="rankings.exact")
     if len(images) < 2:
         st.info("Pick at least two images.")
         st.stop()

@@ -58,8 +58,8 @@ def scatter_panels(sub: pd.DataFrame, proxies: list[str], flavour: str, score: s
     for i, trace in enumerate(traces):
         r, c = i // cols + 1, i % cols + 1
         fig.add_trace(trace, row=r, col=c)
-        fig.update_xaxes(type="log", title_text=f"{proxies[i]} (log)", row=r, col=c)
-        fig.update_yaxes(type="log", title_text=f"{score} (log)" if c == 1 else None, row=r, col=c)
+        fig.update_xaxes(type="log", dtick="D2", title_text=f"{proxies[i]} (log)", row=r, col=c)
+        fig.update_yaxes(type="log", dtick="D2", title_text=f"{score} (log)" if c == 1 else None, row=r, col=c)
     fig.update_layout(height=320 * rows, showlegend=False, margin={"l": 10, "r": 10, "t": 50, "b": 10},
                       clickmode="event+select")
     return fig, keys, dropped

@@ -183,6 +183,8 @@ def test_attack_runs_in_the_background_and_shows_metrics_and_proxies():
     assert not at.exception and not at.error, [e.value for e in at.error]
     table = wait_for(at, metrics_table, what="the metrics table")
     assert list(table["score"]) == ["MSE", "PSNR (dB)", "SSIM", "LPIPS"]
+    outcome = at.session_state["attack.record"].job.view().outcome
+    assert outcome.steps == 20 and outcome.preset == "lavp-paper" and not outcome.cancelled
     assert float(table.loc[table["score"] == "MSE", "value"].iloc[0]) > 0
     lpips = table[table["score"] == "LPIPS"].iloc[0]
     assert lpips["value"] == "unavailable" and lpips["note"] or float(lpips["value"]) >= 0
@@ -209,6 +211,30 @@ def test_stop_ends_a_long_attack_and_other_clicks_keep_its_state():
     assert view.state == "cancelled" and view.outcome.cancelled and view.outcome.steps < 5000
     facts = next(f for f in frames(at) if "" in f.columns and "stopped early" in set(f[""]))
     assert facts.loc[facts[""] == "stopped early", "value"].iloc[0] == "yes"
+
+
+def test_run_uses_the_settings_changed_just_before_the_click():
+    at = open_page(app(), "attack")
+    at.selectbox(key="attack.preset").set_value("dlg").run()
+    assert at.number_input(key="attack.steps").value == 10  # the preset's demo settings
+    at.number_input(key="attack.steps").set_value(2)
+    at.button(key="btn.attack.run").click().run()  # one round trip: the new value and the click together
+    record = at.session_state["attack.record"]
+    assert record.job.wait(120)
+    assert record.request.steps == 2 and record.job.view().outcome.steps == 2
+
+
+def test_a_valid_upload_becomes_the_client_image():
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(buffer, format="PNG")
+    at = app()
+    at.selectbox(key="side.dataset").set_value("upload an image").run()
+    at.file_uploader(key="side.upload").upload("red.png", buffer.getvalue(), "image/png").run()
+    assert not at.error and not at.exception
+    config = at.session_state["side.config"]
+    assert config.image is not None and config.label == 0
+    open_page(at, "proxies")
+    assert "uploaded image" in at.caption[0].value
 
 
 def test_two_sessions_do_not_share_attack_state():
@@ -258,6 +284,17 @@ def test_study_page_plots_and_tabulates_the_database(study_db, monkeypatch):
     assert not at.exception and at.get("plotly_chart")
 
 
+@pytest.mark.skipif(not BUNDLED.is_file(), reason="the bundled study is not there (the made-up one is tested above)")
+def test_study_and_rankings_pages_read_the_bundled_study(monkeypatch):
+    monkeypatch.delenv("LAVP_STUDY_DB", raising=False)
+    at = open_page(app(), "study")
+    assert not at.error, [e.value for e in at.error]
+    assert at.get("plotly_chart") and any(f.index.name == "σ_S" for f in frames(at))
+    open_page(at, "rankings")
+    assert not at.error, [e.value for e in at.error]
+    assert len([m for m in at.markdown if m.value.startswith("####")]) == 2
+
+
 def test_study_page_without_a_database_says_how_to_make_one(tmp_path, monkeypatch):
     at = open_page(app(tmp_path / "missing.sqlite", monkeypatch), "study")
     assert not at.error
@@ -300,3 +337,24 @@ def test_default_four_images_are_those_whose_rankings_disagree(study_db):
     l2 = sub[sub["loss"] == "l2"].sort_values("mse")["image_index"].tolist()
     cos = sub[sub["loss"] == "cos"].sort_values("mse")["image_index"].tolist()
     assert l2 == list(reversed(cos))
+
+
+def test_rankings_without_a_database_run_new_attacks_through_the_study_pipeline(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the scratch results database goes here
+    at = open_page(app(tmp_path / "missing.sqlite", monkeypatch), "rankings")
+    assert at.radio(key="rankings.mode").value == "new attacks" and len(at.radio(key="rankings.mode").options) == 1
+    at.multiselect(key="rankings.new_images").set_value([0, 1]).run()
+    at.button(key="btn.rankings.run").click().run()
+
+    def headers(at):
+        return [m.value for m in at.markdown if m.value.startswith("####")] or None
+
+    found = wait_for(at, headers, what="the two rankings")
+    assert "L2 attack" in found[0] and "Cosine attack" in found[1]
+    assert not at.error
+    table = next(f for f in frames(at) if "predicted ranking" in f.columns)
+    assert {"grad_norm", "l2_max", "cos_min", "fusion"} <= set(table["proxy"])
+    stored = load_results(tmp_path / "lavp-explorer" / "app-rankings.sqlite")
+    assert len(stored) == 4 and set(stored["loss"]) == {"l2", "cos"}  # 2 images x 2 losses, kept for reuse

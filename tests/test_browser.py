@@ -105,10 +105,17 @@ def wait_until_idle(page) -> None:
     wait_for_images(page)
 
 
-def wait_for_images(page) -> None:
-    """Wait until every image on the page has loaded (before a screenshot or a check)."""
-    page.wait_for_function("() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
-                           timeout=PAGE_MS)
+def wait_for_images(page, timeout_ms: int = 20_000) -> None:
+    """Give the images in view time to load before a screenshot (best effort: what the test asserts about
+    images it checks itself; images the browser loads lazily out of view never count)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    script = """() => Array.from(document.images).every(i => (i.complete && i.naturalWidth > 0)
+        || (i.loading === 'lazy' && i.getBoundingClientRect().top > window.innerHeight))"""
+    try:
+        page.wait_for_function(script, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        pass
 
 
 def assert_no_error(page, where: str) -> None:
