@@ -18,7 +18,6 @@ extended with ``--resume --epochs N``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from .data import load_dataset
 from .errors import CheckpointError, ConfigError
 from .generative import DcganGenerator, dcgan_init
 from .models import ASSETS
+from .train import sha256_of
 
 RESUME_DIR = ASSETS.parent / "tmp" / "train-generator"  # git-ignored (/tmp/ at the repository root)
 
@@ -122,14 +122,6 @@ def _build(cls, generator: torch.Generator, device: torch.device, **kwargs) -> n
 def default_resume_path(out: str | os.PathLike) -> Path:
     """Where the per-epoch training state for ``out`` is kept (outside the shipped assets)."""
     return RESUME_DIR / f"{Path(out).stem}.resume.pt"
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
