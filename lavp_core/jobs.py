@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from . import hessian
 from .attacks import AttackSnapshot
 from .errors import LavpError
 from .runner import AttackOutcome, PresetRun
@@ -28,11 +29,10 @@ from .runner import AttackOutcome, PresetRun
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
 EXIT_WAIT_SECONDS = 10.0
 
-# PyTorch's forward-mode AD levels (torch.func.jvp, used by the Hessian-vector products of
-# lavp_core.hessian) are process-global: two threads computing proxies at once corrupt each other's
-# levels ("Trying to access a forward AD level with an invalid index"). Background work that computes
-# proxies holds this lock; attacks (reverse mode only) need not.
-FORWARD_AD_LOCK = threading.Lock()
+# The lock serialising forward-mode autodiff across threads lives with the code that uses it
+# (lavp_core.hessian takes it around every forward-mode product). It is re-entrant, so background work
+# may also hold it around a whole proxy computation, to tell its user that it is waiting.
+FORWARD_AD_LOCK = hessian.FORWARD_AD_LOCK
 
 _live: weakref.WeakSet = weakref.WeakSet()  # jobs whose worker thread may still run
 _live_lock = threading.Lock()
@@ -122,7 +122,64 @@ class AttackView:
         return min(1.0, max(0.0, self.snapshot.step / self.snapshot.total_steps))
 
 
-class BackgroundAttack:
+class _ThreadedWork:
+    """What both kinds of background work share: a daemon worker thread started once, a lock over the
+    state, an end state (done, cancelled or failed with a :class:`JobError`) and the elapsed time.
+    Subclasses implement :meth:`_body`, which runs in the thread and returns ``DONE`` or ``CANCELLED``."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._lock = threading.Lock()
+        self._state = RUNNING
+        self._error: JobError | None = None
+        self._started: float | None = None
+        self._ended: float | None = None
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self):
+        """Start the worker thread (once); returns ``self``."""
+        with self._lock:
+            if self._thread is not None:
+                return self
+            self._started = time.perf_counter()
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+        _register(self)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the work has ended (or ``timeout`` seconds passed); True if it has ended."""
+        return self._finished.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def _elapsed(self) -> float:
+        """Seconds since the start (up to the end once ended); call under ``self._lock``."""
+        now = self._ended if self._ended is not None else time.perf_counter()
+        return 0.0 if self._started is None else now - self._started
+
+    def _body(self) -> str:
+        raise NotImplementedError
+
+    def _work(self) -> None:
+        try:
+            state = self._body()
+            with self._lock:
+                self._state = state
+        except BaseException as exc:  # the thread must always end in a readable state
+            with self._lock:
+                self._error = JobError.of(exc)
+                self._state = FAILED
+        finally:
+            with self._lock:
+                self._ended = time.perf_counter()
+            self._finished.set()
+
+
+class BackgroundAttack(_ThreadedWork):
     """Iterate a :class:`~lavp_core.runner.PresetRun` in a daemon thread; read its progress any time.
 
     Args:
@@ -137,43 +194,21 @@ class BackgroundAttack:
 
     def __init__(self, run: PresetRun, *, summarize: Callable[[AttackOutcome], Any] | None = None,
                  name: str = "lavp-attack"):
+        super().__init__(name)
         self.run = run
         self._summarize = summarize
-        self._name = name
-        self._lock = threading.Lock()
-        self._state = RUNNING
         self._snapshot: AttackSnapshot | None = None
         self._history: list[tuple[int, float]] = []
         self._outcome: AttackOutcome | None = None
         self._summary: Any = None
-        self._error: JobError | None = None
-        self._started: float | None = None
-        self._ended: float | None = None
         self._first_frame: float | None = None
         self._stop = threading.Event()
         self._first = threading.Event()
-        self._finished = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> BackgroundAttack:
-        """Start the worker thread (once); returns ``self``."""
-        with self._lock:
-            if self._thread is not None:
-                return self
-            self._started = time.perf_counter()
-            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-        _register(self)
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         """Ask the attack to stop after its current step; the result so far becomes the outcome."""
         self._stop.set()
         self.run.cancel()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run has ended (or ``timeout`` seconds passed); True if it has ended."""
-        return self._finished.wait(timeout)
 
     def wait_first_snapshot(self, timeout: float | None = None) -> bool:
         """Block until the first snapshot (or the end of the run) or ``timeout``; True if either came."""
@@ -184,41 +219,26 @@ class BackgroundAttack:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
     def view(self) -> AttackView:
         """A consistent copy of the current state (cheap: the images are shared, not copied)."""
         with self._lock:
-            now = self._ended if self._ended is not None else time.perf_counter()
-            elapsed = 0.0 if self._started is None else now - self._started
             return AttackView(self._state, self._snapshot, tuple(self._history), self._outcome, self._summary,
-                              self._error, elapsed, self._first_frame, self._stop.is_set())
+                              self._error, self._elapsed(), self._first_frame, self._stop.is_set())
 
-    def _work(self) -> None:
-        try:
-            for snapshot in self.run:
-                with self._lock:
-                    if self._first_frame is None:
-                        self._first_frame = time.perf_counter() - self._started
-                    self._snapshot = snapshot
-                    self._history.append((int(snapshot.step), float(snapshot.matching_loss)))
-                self._first.set()
-            outcome = self.run.outcome
-            summary = self._summarize(outcome) if self._summarize is not None and outcome is not None else None
+    def _body(self) -> str:
+        for snapshot in self.run:
             with self._lock:
-                self._outcome, self._summary = outcome, summary
-                cancelled = self._stop.is_set() or (outcome is not None and outcome.cancelled)
-                self._state = CANCELLED if cancelled else DONE
-        except BaseException as exc:  # the thread must always end in a readable state
-            with self._lock:
-                self._error = JobError.of(exc)
-                self._state = FAILED
-        finally:
-            with self._lock:
-                self._ended = time.perf_counter()
-            self._finished.set()
+                if self._first_frame is None:
+                    self._first_frame = time.perf_counter() - self._started
+                self._snapshot = snapshot
+                self._history.append((int(snapshot.step), float(snapshot.matching_loss)))
+            self._first.set()
+        outcome = self.run.outcome
+        summary = self._summarize(outcome) if self._summarize is not None and outcome is not None else None
+        with self._lock:
+            self._outcome, self._summary = outcome, summary
+        cancelled = self._stop.is_set() or (outcome is not None and outcome.cancelled)
+        return CANCELLED if cancelled else DONE
 
 
 class TaskControl:
@@ -268,7 +288,7 @@ class TaskView:
         return self.state != RUNNING
 
 
-class BackgroundTask:
+class BackgroundTask(_ThreadedWork):
     """Run ``fn(control)`` in a daemon thread and keep its result or error.
 
     ``fn`` receives a :class:`TaskControl`; a function made of several parts should check
@@ -277,61 +297,26 @@ class BackgroundTask:
     """
 
     def __init__(self, fn: Callable[[TaskControl], Any], *, name: str = "lavp-task"):
+        super().__init__(name)
         self._fn = fn
-        self._name = name
         self.control = TaskControl()
-        self._lock = threading.Lock()
-        self._state = RUNNING
         self._result: Any = None
-        self._error: JobError | None = None
-        self._started: float | None = None
-        self._ended: float | None = None
-        self._finished = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> BackgroundTask:
-        with self._lock:
-            if self._thread is not None:
-                return self
-            self._started = time.perf_counter()
-            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-        _register(self)
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         self.control.cancel()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._finished.wait(timeout)
-
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
     def view(self) -> TaskView:
         fraction, message = self.control.progress()
         with self._lock:
-            now = self._ended if self._ended is not None else time.perf_counter()
-            elapsed = 0.0 if self._started is None else now - self._started
             if self._state != RUNNING:
                 fraction = 1.0
-            return TaskView(self._state, self._result, self._error, fraction, message, elapsed)
+            return TaskView(self._state, self._result, self._error, fraction, message, self._elapsed())
 
-    def _work(self) -> None:
-        try:
-            result = self._fn(self.control)
-            with self._lock:
-                self._result = result
-                self._state = CANCELLED if self.control.cancelled else DONE
-        except BaseException as exc:
-            with self._lock:
-                self._error = JobError.of(exc)
-                self._state = FAILED
-        finally:
-            with self._lock:
-                self._ended = time.perf_counter()
-            self._finished.set()
+    def _body(self) -> str:
+        result = self._fn(self.control)
+        with self._lock:
+            self._result = result
+        return CANCELLED if self.control.cancelled else DONE
 
 
 class TaskPool:

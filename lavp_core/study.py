@@ -189,6 +189,29 @@ def _json_default(value: object):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+# The SolverConfig fields that can change a stored proxy value or its converged flag, per flavour and
+# exact method. Only these enter a job's key, so that tuning another solver (say Lanczos, when the
+# study uses the dense ``exact`` method) does not make finished jobs run again.
+_SOLVER_FIELDS_ALWAYS = ("tol", "precision", "check_smoothness")
+_SOLVER_FIELDS_EXACT = {
+    "exact": (),
+    "lanczos": ("lanczos_ncv_max", "lanczos_ncv_min", "lanczos_max_products", "lanczos_min_products", "seed"),
+    "auto": ("exact_max_dim", "lanczos_ncv_max", "lanczos_ncv_min", "lanczos_max_products",
+             "lanczos_min_products", "seed"),
+}
+_SOLVER_FIELDS_PAPER = ("paper_iterations", "paper_seconds", "paper_fd_step", "seed")
+
+
+def keyed_solver_settings(solver: SolverConfig, flavours: Sequence[str], exact_method: str) -> dict:
+    """The solver settings that identify a job's proxies (see ``_SOLVER_FIELDS_*``)."""
+    names = list(_SOLVER_FIELDS_ALWAYS)
+    if "exact" in flavours:
+        names += _SOLVER_FIELDS_EXACT[exact_method]
+    if "paper" in flavours:
+        names += _SOLVER_FIELDS_PAPER
+    return {name: getattr(solver, name) for name in sorted(set(names))}
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -308,7 +331,7 @@ def plan_study(config: StudyConfig) -> StudyPlan:
 
     proxy_settings = {"losses": list(proxy_losses), "flavours": list(flavours),
                       "exact_method": config.exact_method if "exact" in flavours else None,
-                      "solver": dataclasses.asdict(config.solver)}
+                      "solver": keyed_solver_settings(config.solver, flavours, config.exact_method)}
     jobs = []
     for index in images:
         attack_seed = derive_seed("attack-start", config.seed, config.dataset, config.split, index)

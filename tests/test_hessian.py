@@ -20,10 +20,12 @@ from lavp_core.hessian import (
     SolverConfig,
     exact_spectra,
     lanczos_extreme,
+    lanczos_top,
     paper_extremes,
     power_iteration,
     solve,
     symmetric_spectrum,
+    top_start_vector,
 )
 from lavp_core.losses import MatchingLoss, get_loss
 
@@ -154,6 +156,33 @@ def test_lanczos_matches_exact(mlp_op):
         assert math.isclose(bottom.value, expected[0], rel_tol=1e-6)
         assert top.converged and bottom.converged and top.method == "lanczos"
         assert top.residual <= 1e-8 and bottom.residual <= 1e-8 and 0 < top.iterations <= 600
+
+
+def test_linearised_products_equal_forward_mode(conv_op):
+    v = torch.randn(conv_op.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    before = conv_op.single_jvp(v)  # plain jvp until linearise() is called
+    conv_op.linearise()
+    after = conv_op.single_jvp(v)
+    assert torch.allclose(before, conv_op.jvp(v), rtol=0, atol=0)
+    assert float((after - before).norm()) <= 1e-12 * float(before.norm())
+
+
+def test_lanczos_top_with_restarts_and_budget(mlp_op):
+    loss = get_loss("cos")
+    expected = np.linalg.eigvalsh(reference_hessian(mlp_op, loss))
+    start = top_start_vector(mlp_op, torch.Generator().manual_seed(0))
+    assert math.isclose(float(start.norm()), 1.0, rel_tol=1e-12)
+    seen = []
+    value, vector, products, converged = lanczos_top(mlp_op, loss, start, tol=1e-10, budget=200, basis_size=3,
+                                                     on_step=lambda k, theta: seen.append((k, theta)))
+    assert converged and math.isclose(value, expected[-1], rel_tol=1e-9)
+    assert [k for k, _ in seen] == list(range(1, products + 1))
+    hv = mlp_op.hvp(loss, vector)
+    assert float((hv - value * vector).norm()) <= 1e-8 * abs(value)
+    # Ritz values only ever approach λ_max from below within one basis
+    assert all(theta <= expected[-1] * (1 + 1e-12) for _, theta in seen)
+    value, _, products, converged = lanczos_top(mlp_op, loss, start, tol=1e-14, budget=2, basis_size=3)
+    assert products == 2 and not converged and value <= expected[-1] * (1 + 1e-12)
 
 
 def test_lanczos_out_of_budget_is_marked_unconverged(mlp_op):
