@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from collections.abc import Callable
 
 from .errors import LavpError
@@ -88,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # torch.func.jvp triggers torch's own deprecation notice about torch.jit.script once; not ours to fix.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     _load_commands()
     parser = build_parser()
     args = parser.parse_args(argv)

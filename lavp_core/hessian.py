@@ -50,8 +50,11 @@ from .errors import ConfigError, ProxyError
 from .gradients import GradientOracle
 from .losses import MatchingLoss
 
-# torch.func.linearize traces the gradient with make_fx; its constant folding warns about an
-# internal detail of that trace on every build. Nothing for a user to act on.
+# Two notices torch prints from inside its own forward-mode code, nothing a user can act on:
+# torch.func.jvp's first call warns that torch.jit.script is deprecated, and torch.func.linearize's
+# constant folding warns about an internal detail of its trace on every build. Filtered here (not in
+# the CLI) so that the study's worker processes and the app are quiet too.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node", category=UserWarning)
 
 METHODS = ("exact", "lanczos", "paper")

@@ -234,6 +234,8 @@ def study_config_dict(config: StudyConfig, images: Sequence[int]) -> dict:
     """The study configuration as a JSON-ready dict, with the image indices resolved."""
     out = dataclasses.asdict(config)
     out["images"] = list(images)
+    # only the solver settings that can change a stored value identify the study (as for its jobs)
+    out["solver"] = keyed_solver_settings(config.solver, config.flavours, config.exact_method)
     return out
 
 
