@@ -757,6 +757,26 @@ def kendall(x: Iterable[float], y: Iterable[float]) -> tuple[float, float, int]:
     return float(result.statistic), float(result.pvalue), n
 
 
+CELL = ["dataset", "loss", "arch", "image_index"]
+
+
+def check_one_configuration(df: pd.DataFrame) -> None:
+    """Refuse results in which one image was attacked more than once with the same loss on the same
+    architecture (jobs of several study configurations, e.g. two step counts, in one database):
+    correlations and rankings over them would count that image twice or pick one at random."""
+    if df.empty or not set(CELL) <= set(df.columns):
+        return
+    repeated = df[df.duplicated(CELL, keep=False)]
+    if repeated.empty:
+        return
+    first = repeated.iloc[0]
+    studies = sorted({str(v) for v in repeated.get("study", pd.Series(dtype=str)).dropna()})
+    raise ConfigError(f"{repeated.groupby(CELL).ngroups} (image, architecture, loss) cells have results from more than "
+                      f"one configuration (e.g. image {int(first['image_index'])} on {first['arch']} with "
+                      f"{first['loss']}); studies involved: {', '.join(studies) or 'unnamed'}. Read one study "
+                      f"(--study NAME) or keep each configuration in its own database")
+
+
 def spearman_table(df: pd.DataFrame, proxy_flavour: str = "exact", *, scores: Sequence[str] = SCORES,
                    proxies: Sequence[str] | None = None) -> pd.DataFrame:
     """σ_S between each proxy and each score, per (dataset, attack loss, architecture), and averaged.
@@ -777,6 +797,7 @@ def spearman_table(df: pd.DataFrame, proxy_flavour: str = "exact", *, scores: Se
     columns = ["flavour", "dataset", "loss", "arch", "proxy", "score", "rho", "p", "n"]
     if df.empty:
         return pd.DataFrame(columns=columns)
+    check_one_configuration(df)
     names = list(proxies) if proxies is not None else proxy_names(df, proxy_flavour)
     missing = [p for p in names if proxy_column(p, proxy_flavour) not in df]
     if missing:
@@ -914,6 +935,7 @@ def rankings(df: pd.DataFrame, images: Sequence[int], *, proxy_flavour: str = "e
     images = [int(i) for i in images]
     if len(images) < 2:
         raise ConfigError("rankings need at least two image indices, e.g. --images 0,5,9,12")
+    check_one_configuration(df)
     sub = df[df["image_index"].isin(images)]
     if arch is not None:
         sub = sub[sub["arch"] == arch]

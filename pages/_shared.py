@@ -452,14 +452,22 @@ def create_study_hint(path: Path) -> str:
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the results database…")
-def study_results(path: str, mtime: float, size: int) -> pd.DataFrame:
-    """Finished jobs of a results database (``mtime`` and ``size`` key the cache to the file's version)."""
+def study_results(path: str, mtime: float, size: int, study: str | None = None) -> pd.DataFrame:
+    """Finished jobs of a results database (``mtime`` and ``size`` key the cache to the file's version),
+    only those of study ``study`` when given."""
     from lavp_core.study import load_results
 
-    return load_results(path)
+    return load_results(path, study=study)
 
 
-def read_study(path: str | Path) -> pd.DataFrame:
+def _version(path: Path) -> tuple[float, int]:
+    """(modification time including the WAL file, size): keys the caches to the file's content."""
+    stat = path.stat()
+    wal = path.with_name(path.name + "-wal")
+    return max(stat.st_mtime, wal.stat().st_mtime if wal.is_file() else 0.0), stat.st_size
+
+
+def read_study(path: str | Path, study: str | None = None) -> pd.DataFrame:
     """:func:`study_results` for the file's current version (raises :class:`LavpError` when unusable)."""
     from lavp_core.errors import StoreError
 
@@ -467,10 +475,40 @@ def read_study(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise StoreError(f"results database {path} does not exist; create it with "
                          f"'python -m lavp_core study --db {path} ...' or give another path")
-    stat = path.stat()
-    wal = path.with_name(path.name + "-wal")
-    mtime = max(stat.st_mtime, wal.stat().st_mtime if wal.is_file() else 0.0)
-    return study_results(str(path), mtime, stat.st_size)
+    return study_results(str(path), *_version(path), study)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _study_progress(path: str, mtime: float, size: int) -> list[dict]:
+    from lavp_core.store import open_store
+
+    with open_store(path, readonly=True) as store:
+        return store.studies()
+
+
+def pick_study(path: str | Path, prefix: str) -> str | None:
+    """A select box of the study names in the database when it holds more than one (their jobs must not
+    be mixed in one correlation); the chosen name, or ``None`` when the file holds one study or none."""
+    path = Path(path)
+    names = sorted({str(s["name"]) for s in _study_progress(str(path), *_version(path))})
+    if len(names) <= 1:
+        return None
+    keep_valid(f"{prefix}.study", names)
+    return st.selectbox("Study in this database", names, key=f"{prefix}.study",
+                        help="each study's jobs are analysed on their own")
+
+
+def show_study_progress(path: str | Path) -> None:
+    """A notice under the database picker when a study in the file is unfinished (a partial study still
+    gives every plot and table, from the jobs that are done), with how to complete it."""
+    path = Path(path)
+    for study in _study_progress(str(path), *_version(path)):
+        jobs, done = int(study["jobs"] or 0), int(study["done"] or 0)
+        if done < jobs:
+            st.warning(f"Partial study: {done} of {jobs} jobs of study '{study['name']}' are finished, so the "
+                       f"plots and correlations use those {done}. The runner is resumable: rerunning the "
+                       f"`python -m lavp_core study … --db {path.name}` command that made it skips the finished "
+                       f"jobs and adds the rest.", icon=":material/hourglass_top:")
 
 
 def database_picker(prefix: str) -> str | None:

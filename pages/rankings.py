@@ -96,10 +96,12 @@ path = ui.database_picker("rankings")
 df = None
 if path is not None:
     try:
-        df = ui.read_study(path)
+        df = ui.read_study(path, ui.pick_study(path, "rankings"))
     except LavpError as exc:
         ui.show_error(exc, "Results will come from new attacks instead.")
         df = None
+    else:
+        ui.show_study_progress(path)
 usable = df is not None and not df.empty and set(LOSSES) <= set(df["loss"])
 
 config = ui.current_config()

@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from lavp_core.errors import LavpError
-from lavp_core.study import loss_label, proxy_column, proxy_names, spearman, table1, table3
+from lavp_core.study import check_one_configuration, loss_label, proxy_column, proxy_names, spearman, table1, table3
 from pages import _shared as ui
 
 ui.ensure_entry_file()
@@ -110,9 +110,15 @@ path = ui.database_picker("study")
 if path is None:
     st.stop()
 try:
-    df = ui.read_study(path)
+    df = ui.read_study(path, ui.pick_study(path, "study"))
 except LavpError as exc:
     ui.show_error(exc)
+    st.stop()
+ui.show_study_progress(path)
+try:
+    check_one_configuration(df)
+except LavpError as exc:
+    ui.show_error(exc, "Pick one study in this database, or one database per configuration.")
     st.stop()
 if df.empty:
     st.info(f"{path} holds no finished jobs yet. Run a study into it: python -m lavp_core study --db {path}")

@@ -284,15 +284,37 @@ def test_study_page_plots_and_tabulates_the_database(study_db, monkeypatch):
     assert not at.exception and at.get("plotly_chart")
 
 
-@pytest.mark.skipif(not BUNDLED.is_file(), reason="the bundled study is not there (the made-up one is tested above)")
 def test_study_and_rankings_pages_read_the_bundled_study(monkeypatch):
+    assert BUNDLED.is_file(), "the bundled study database is missing from assets/study"
     monkeypatch.delenv("LAVP_STUDY_DB", raising=False)
     at = open_page(app(), "study")
     assert not at.error, [e.value for e in at.error]
+    with open_store(BUNDLED, readonly=True) as store:
+        partial = any(s["done"] < s["jobs"] for s in store.studies())
+    assert partial == any("Partial study" in w.value for w in at.warning)
     assert at.get("plotly_chart") and any(f.index.name == "σ_S" for f in frames(at))
     open_page(at, "rankings")
     assert not at.error, [e.value for e in at.error]
     assert len([m for m in at.markdown if m.value.startswith("####")]) == 2
+
+
+def test_an_unfinished_study_is_announced_as_partial(study_db, tmp_path, monkeypatch):
+    import shutil
+
+    partial = tmp_path / "partial.sqlite"
+    shutil.copy(study_db, partial)
+    with open_store(partial) as store:
+        done_keys = [r["job_key"] for r in store.job_rows()]
+        store.register_study(sha256_text("fake-study-bigger"), "bigger", "{}",
+                             done_keys + [sha256_text(f"not-run-{i}") for i in range(3)])
+    at = open_page(app(partial, monkeypatch), "study")
+    notes = [w.value for w in at.warning if "Partial study" in w.value]
+    assert len(notes) == 1 and f"{len(done_keys)} of {len(done_keys) + 3} jobs of study 'bigger'" in notes[0]
+    assert at.get("plotly_chart"), "a partial study still plots its finished jobs"
+    open_page(at, "rankings")
+    assert any("Partial study" in w.value for w in at.warning)
+    at = open_page(app(study_db, monkeypatch), "study")
+    assert not any("Partial study" in w.value for w in at.warning)  # the finished one says nothing
 
 
 def test_study_page_without_a_database_says_how_to_make_one(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from lavp_core.hessian import SolverConfig
 from lavp_core.study import (
     MEAN_ARCH,
     StudyConfig,
+    check_one_configuration,
     format_report,
     load_results,
     plan_study,
@@ -438,3 +439,17 @@ def test_report_refuses_bad_databases(tmp_path, capsys):
     assert "another program" in capsys.readouterr().err
     assert cli.main(["report", "--db", str(tmp_path / "missing.sqlite")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_results_of_two_configurations_for_one_cell_are_refused():
+    rows = [{"dataset": "photos", "loss": "l2", "arch": "lenet", "image_index": i, "study": name, "mse": 0.1 * i,
+             "exact_grad_norm": float(i)} for name in ("short", "long") for i in range(4)]
+    df = pd.DataFrame(rows)
+    with pytest.raises(ConfigError, match="4 .image, architecture, loss. cells .* studies involved: long, short"):
+        spearman_table(df, proxies=["grad_norm"], scores=["mse"])
+    with pytest.raises(ConfigError, match="more than one configuration"):
+        rankings(df, [0, 1, 2], proxies=["grad_norm"])
+    one = df[df["study"] == "long"]
+    check_one_configuration(one)  # one configuration: accepted
+    table = spearman_table(one, proxies=["grad_norm"], scores=["mse"])
+    assert table.loc[table["arch"] == "lenet", "rho"].iloc[0] == pytest.approx(1.0)
