@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_model_unchanged, snapshot_model
 
@@ -55,3 +56,25 @@ def test_model_without_classifier_output_is_refused():
     flat = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3))  # returns a feature map, not logits
     with pytest.raises(ModelError, match=r"\(1, classes\)"):
         GradientOracle(flat).check(torch.zeros(1, 3, 8, 8), 0)
+
+
+def test_batch_norm_as_its_eval_affine_map_gives_the_same_gradient():
+    from lavp_core.gradients import EvalBatchNorm
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6, affine=False), nn.Linear(6, 3)).double()
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(8, 3, 6, 6, generator=gen, dtype=torch.float64))
+    model.eval()
+    x = torch.randn(1, 3, 6, 6, generator=gen, dtype=torch.float64)
+    loss = F.cross_entropy(model(x), torch.tensor([2]))
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    oracle = GradientOracle(model)
+    assert sum(isinstance(m, EvalBatchNorm) for m in oracle.module.modules()) == 2
+    assert not any(isinstance(m, EvalBatchNorm) for m in model.modules())  # the caller's model is untouched
+    assert list(oracle.params) == [n for n, _ in model.named_parameters()]
+    got = oracle.gradient(x, 2)
+    assert float((got - expected).norm()) <= 1e-12 * float(expected.norm())
