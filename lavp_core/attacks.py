@@ -208,7 +208,39 @@ def initial_candidates(shape: tuple[int, ...], init: str, info: DatasetInfo, gen
     return x.to(device)
 
 
-class AttackRun:
+class VictimRun:
+    """What every live attack on one client gradient shares (this engine's :class:`AttackRun` and the
+    generative ``GifdRun``): the model's frozen :class:`GradientOracle`, the target gradient g*, the
+    label (known, or inferred iDLG-style), cancellation between steps from another thread, and the
+    history of the best matching loss per step."""
+
+    def _bind(self, model: nn.Module | GradientOracle, update: ClientUpdate, label_mode: str, info: DatasetInfo,
+              generator: torch.Generator, device: torch.device | str, snapshot_every: int) -> None:
+        self.device = torch.device(device)
+        self.oracle = model if isinstance(model, GradientOracle) else GradientOracle(model, device=self.device)
+        self.update = update
+        self.info = info
+        self.generator = generator
+        self.snapshot_every = max(1, int(snapshot_every))
+        self.g_star = update.gradient.to(self.device, self.oracle.dtype)
+        if label_mode == "inferred":
+            self.label = infer_label(self.oracle, self.g_star, update.image_shape)
+        else:
+            self.label = int(update.label)
+        self._cancel = threading.Event()
+        self._history: list[tuple[int, float]] = []
+
+    def cancel(self) -> None:
+        """Ask the run to stop after the current step (thread-safe)."""
+        self._cancel.set()
+
+    def _record(self, step: int, losses: torch.Tensor) -> None:
+        finite = losses[torch.isfinite(losses)]
+        if finite.numel():
+            self._history.append((step, float(finite.min())))
+
+
+class AttackRun(VictimRun):
     """One attack, as an iterator of snapshots; the outcome lands in ``.result`` when it ends.
 
     Args:
@@ -227,29 +259,13 @@ class AttackRun:
                  info: DatasetInfo, *, generator: torch.Generator, device: torch.device | str = "cpu",
                  snapshot_every: int = 10, initial: torch.Tensor | None = None):
         self.config = config.validated()
-        self.device = torch.device(device)
-        self.oracle = model if isinstance(model, GradientOracle) else GradientOracle(model, device=self.device)
-        self.update = update
-        self.info = info
-        self.generator = generator
-        self.snapshot_every = max(1, int(snapshot_every))
+        self._bind(model, update, self.config.label, info, generator, device, snapshot_every)
         self.loss = get_loss(self.config.loss)
-        self.g_star = update.gradient.to(self.device, self.oracle.dtype)
-        if self.config.label == "inferred":
-            self.label = infer_label(self.oracle, self.g_star, update.image_shape)
-        else:
-            self.label = int(update.label)
         expected = (self.config.restarts, *update.image_shape)
         if initial is not None and tuple(initial.shape) != expected:
             raise ConfigError(f"initial candidates must have shape {expected}, got {tuple(initial.shape)}")
         self.initial = initial
         self.result: AttackResult | None = None
-        self._cancel = threading.Event()
-        self._history: list[tuple[int, float]] = []
-
-    def cancel(self) -> None:
-        """Ask the run to stop after the current step (thread-safe)."""
-        self._cancel.set()
 
     @property
     def total_steps(self) -> int:
@@ -375,11 +391,6 @@ class AttackRun:
                 break
         x = torch.stack(finals)
         return (x, torch.tensor(diverged, device=self.device)), steps_done
-
-    def _record(self, step: int, losses: torch.Tensor) -> None:
-        finite = losses[torch.isfinite(losses)]
-        if finite.numel():
-            self._history.append((step, float(finite.min())))
 
     def _finish(self, final, steps_done: int, seconds: float) -> AttackResult:
         x, diverged = final  # (R, C, H, W), (R,)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -42,12 +41,13 @@ from .attacks import (
     AttackPreset,
     AttackResult,
     AttackSnapshot,
+    VictimRun,
     register_preset,
     total_variation,
 )
 from .data import DatasetInfo
 from .errors import CheckpointError, ConfigError
-from .gradients import ClientUpdate, GradientOracle, infer_label
+from .gradients import ClientUpdate, GradientOracle
 from .losses import get_loss
 from .models import ASSETS
 
@@ -374,7 +374,7 @@ def learning_rate_factor(step: int, steps: int, warmup: float, rampdown: float) 
 # The attack
 
 
-class GifdRun:
+class GifdRun(VictimRun):
     """One GIFD attack, as an iterator of :class:`GifdSnapshot`; the outcome lands in ``.result``.
 
     Args:
@@ -391,9 +391,8 @@ class GifdRun:
     def __init__(self, model: nn.Module | GradientOracle, update: ClientUpdate, config: GifdConfig,
                  info: DatasetInfo, *, generator: torch.Generator, gan: DcganGenerator | None = None,
                  device: torch.device | str = "cpu", snapshot_every: int = 10):
-        self.device = torch.device(device)
-        source = gan if gan is not None else load_generator(self.device)
-        self.gan = copy.deepcopy(source).to(self.device).eval()
+        source = gan if gan is not None else load_generator(torch.device(device))
+        self.gan = copy.deepcopy(source).to(torch.device(device)).eval()
         for p in self.gan.parameters():
             p.requires_grad_(False)
         self.config = config.validated(self.gan.num_feature_stages)
@@ -402,28 +401,12 @@ class GifdRun:
             raise ConfigError(f"GIFD's generator makes 3x32x32 images; this image is "
                               f"{'x'.join(map(str, image_shape))}: use a 32x32 RGB dataset "
                               f"(photos, faces, cifar10)")
-        self.oracle = (model if isinstance(model, GradientOracle)
-                       else GradientOracle(model, device=self.device))
+        self._bind(model, update, self.config.label, info, generator, device, snapshot_every)
         self.gan = self.gan.to(self.oracle.dtype)  # e.g. float64 when handed a float64 oracle
-        self.update = update
-        self.info = info
-        self.generator = generator
-        self.snapshot_every = max(1, int(snapshot_every))
         self.loss = get_loss(self.config.loss)
-        self.g_star = update.gradient.to(self.device, self.oracle.dtype)
-        if self.config.label == "inferred":
-            self.label = infer_label(self.oracle, self.g_star, update.image_shape)
-        else:
-            self.label = int(update.label)
         self.result: GifdResult | None = None
         self.evaluations = 0
-        self._cancel = threading.Event()
-        self._history: list[tuple[int, float]] = []
         self._batched = vmap(grad_and_value(self._image_objective(), has_aux=True))
-
-    def cancel(self) -> None:
-        """Ask the run to stop after the current step (thread-safe)."""
-        self._cancel.set()
 
     @property
     def total_steps(self) -> int:
@@ -541,11 +524,6 @@ class GifdRun:
                                     self.info.normalize(best_image[index:index + 1]).detach(),
                                     restart_losses, index, stage_steps))
         self.result = self._finish(stages, steps_done, time.perf_counter() - start)
-
-    def _record(self, step: int, losses: torch.Tensor) -> None:
-        finite = losses[torch.isfinite(losses)]
-        if finite.numel():
-            self._history.append((step, float(finite.min())))
 
     def _finish(self, stages: list[GifdStage], steps_done: int, seconds: float) -> GifdResult:
         restarts = self.config.restarts

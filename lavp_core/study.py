@@ -722,39 +722,34 @@ def _frame(rows: list[dict], proxies: list[dict]) -> pd.DataFrame:
 # Analysis
 
 
+def _rank_correlation(name: str, x: Iterable[float], y: Iterable[float], minimum: int) -> tuple[float, float, int]:
+    """``scipy.stats.<name>`` over the pairs where neither value is NaN: (statistic, p-value, pairs);
+    NaN when fewer than ``minimum`` pairs or either side is constant."""
+    from scipy import stats
+
+    a = np.asarray(list(x), dtype=float)
+    b = np.asarray(list(y), dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    n = int(a.size)
+    if n < minimum or np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan, math.nan, n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = getattr(stats, name)(a, b)
+    return float(result.statistic), float(result.pvalue), n
+
+
 def spearman(x: Iterable[float], y: Iterable[float]) -> tuple[float, float, int]:
     """Spearman's σ_S and its p-value (``scipy.stats.spearmanr``) over the pairs where neither value is
     NaN, and the number of pairs; NaN when fewer than 3 pairs or either side is constant."""
-    from scipy import stats
-
-    a = np.asarray(list(x), dtype=float)
-    b = np.asarray(list(y), dtype=float)
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
-    n = int(a.size)
-    if n < 3 or np.all(a == a[0]) or np.all(b == b[0]):
-        return math.nan, math.nan, n
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = stats.spearmanr(a, b)
-    return float(result.statistic), float(result.pvalue), n
+    return _rank_correlation("spearmanr", x, y, 3)
 
 
 def kendall(x: Iterable[float], y: Iterable[float]) -> tuple[float, float, int]:
-    """Kendall's τ and p-value (``scipy.stats.kendalltau``) over the pairs without NaN, and their count."""
-    from scipy import stats
-
-    a = np.asarray(list(x), dtype=float)
-    b = np.asarray(list(y), dtype=float)
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
-    n = int(a.size)
-    if n < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-        return math.nan, math.nan, n
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = stats.kendalltau(a, b)
-    return float(result.statistic), float(result.pvalue), n
+    """Kendall's τ and p-value (``scipy.stats.kendalltau``) over the pairs without NaN, and their count
+    (NaN when fewer than 2 pairs or either side is constant)."""
+    return _rank_correlation("kendalltau", x, y, 2)
 
 
 CELL = ["dataset", "loss", "arch", "image_index"]
