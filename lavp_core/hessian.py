@@ -22,7 +22,7 @@ Three eigen-solvers, each returning :class:`EigenResult` values that carry their
 * ``lanczos``: matrix-free, for large inputs: λ_max by a Lanczos iteration with full
   reorthogonalisation started from Jᵀĝ (the top of these Hessians is well separated and Jᵀĝ leans
   towards it, so a handful of products certify it), λ_min by ARPACK's implicitly restarted Lanczos
-  (``scipy.sparse.linalg.eigsh``) within a product budget.
+  (``scipy.sparse.linalg.eigsh``) within a product budget, over products through the linearisation.
 * ``paper``: the paper's recipe: finite-difference Jacobian-vector products, power iteration for
   λ_max, then power iteration on (λ_max·I − H) for λ_min, each within an iteration budget.
 
@@ -686,8 +686,8 @@ def lanczos_extreme(op: HessianAtTruth, loss: MatchingLoss, which: str,
         raise ConfigError(f"which must be 'max' or 'min', got {which!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     if which == "max" and op.dim > 2:
+        # No linearisation for λ_max: it needs about ten products, fewer than building one pays for.
         start = time.perf_counter()
-        op.linearise()  # once per operator, shared by λ_min and the other losses
         value, vector, products, solver_ok = lanczos_top(
             op, loss, top_start_vector(op, generator), tol=config.tol, budget=config.lanczos_max_products,
             basis_size=min(config.lanczos_ncv_max, op.dim))
@@ -703,7 +703,7 @@ def lanczos_extreme(op: HessianAtTruth, loss: MatchingLoss, which: str,
     start_vector = torch.randn(op.dim, generator=generator, dtype=torch.float64).numpy()
     start = time.perf_counter()
     if op.dim > 2:
-        op.linearise()
+        op.linearise()  # λ_min takes hundreds of products: build once, shared by the other losses
     solver_ok, note = True, ""
     if op.dim <= 2:  # ARPACK needs k < d − 1; two products give the whole matrix
         for e in np.eye(op.dim):
