@@ -138,6 +138,17 @@ def test_job_keys_are_stable_and_cover_the_grid():
     budget = plan_study(dataclasses.replace(TINY, solver=SolverConfig(paper_iterations=6)))
     assert not {j.proxy_key for j in budget.jobs} & {j.proxy_key for j in plan.jobs}
     assert json.loads(plan.jobs[0].config_json)["proxies"]["solver"]["paper_iterations"] == 5
+    # solver settings the study's flavours never use do not make finished jobs run again
+    unused = dataclasses.replace(FAST_SOLVER, lanczos_ncv_max=9, lanczos_max_products=7, memory_mb=32.0,
+                                 exact_max_dim=10)
+    same = plan_study(dataclasses.replace(TINY, solver=unused))
+    assert [j.key for j in same.jobs] == [j.key for j in plan.jobs] and same.study_key == plan.study_key
+    exact = dataclasses.replace(TINY, flavours=("exact", "paper"), exact_method="exact")
+    by_lanczos = dataclasses.replace(exact, exact_method="lanczos")
+    assert ({j.key for j in plan_study(exact).jobs}
+            == {j.key for j in plan_study(dataclasses.replace(exact, solver=unused)).jobs})
+    assert not ({j.key for j in plan_study(by_lanczos).jobs}
+                & {j.key for j in plan_study(dataclasses.replace(by_lanczos, solver=unused)).jobs})
     drawn = plan_study(dataclasses.replace(TINY, images=5)).images
     assert len(drawn) == 5 and list(drawn) == sorted(drawn)
     assert plan_study(dataclasses.replace(TINY, images=5)).images == drawn
