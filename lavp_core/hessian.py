@@ -8,11 +8,12 @@ gradient (n,), g* = g(x*), ĝ = g*/‖g*‖ and J = ∂g/∂x at x* (n × d). At
 * ``cos`` (1 − cos(g, g*)):      H = Jᵀ(I − ĝĝᵀ)J / ‖g*‖²  =  (JᵀJ − wwᵀ) / ‖g*‖²,  w = Jᵀĝ
 * any other registered loss:     H = ∇²ₓ loss(g(x), g*) at x*, by forward-over-reverse autodiff.
 
-:class:`HessianAtTruth` holds the linearisation at x*: g*, the reverse-mode map u ↦ Jᵀu (built once by
-``torch.func.vjp``) and the forward-mode map v ↦ Jv (built once by ``torch.func.linearize``, so that a
-product does not recompute the primal); both are reused by every product. Batches of columns (the
-dense path) use ``vmap`` over ``torch.func.jvp``. No finite differences are used except by the
-``paper`` recipe, which reproduces the paper's method.
+:class:`HessianAtTruth` holds the linearisation at x*: g* and the reverse-mode map u ↦ Jᵀu, built once
+by ``torch.func.vjp`` and reused by every product. Jv is forward mode: ``torch.func.jvp`` (vmapped for
+the dense path's batches of columns, plain for λ_max's handful of products), or, for long runs of
+single products (λ_min), a forward-mode map built once by ``torch.func.linearize`` so that a product
+does not recompute the primal. No finite differences are used except by the ``paper`` recipe, which
+reproduces the paper's method.
 
 Three eigen-solvers, each returning :class:`EigenResult` values that carry their residual:
 

@@ -490,6 +490,8 @@ def pick_study(path: str | Path, prefix: str) -> str | None:
     """A select box of the study names in the database when it holds more than one (their jobs must not
     be mixed in one correlation); the chosen name, or ``None`` when the file holds one study or none."""
     path = Path(path)
+    if not path.is_file():  # read_study says what is wrong with the path
+        return None
     names = sorted({str(s["name"]) for s in _study_progress(str(path), *_version(path))})
     if len(names) <= 1:
         return None

@@ -333,6 +333,15 @@ def test_study_page_refuses_a_file_that_is_not_a_database(tmp_path, monkeypatch)
     assert at.error and "not an SQLite database" in at.error[0].value
 
 
+def test_a_database_path_that_does_not_exist_is_an_error_box(tmp_path):
+    for page in ("study", "rankings"):
+        at = open_page(app(), page)
+        at.radio(key=f"{page}.source").set_value("file").run()
+        at.text_input(key=f"{page}.path").set_value(str(tmp_path / "no" / "such.sqlite")).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.error and "does not exist" in at.error[0].value
+
+
 def test_rankings_page_shows_both_rankings_and_their_predictors(study_db, monkeypatch):
     at = open_page(app(study_db, monkeypatch), "rankings")
     assert not at.error, [e.value for e in at.error]
