@@ -257,13 +257,14 @@ def compute_proxies(model: nn.Module, image: torch.Tensor, label: int, *,
         oracle = model_oracle
     input_dim = int(image[0].numel())
     resolved = resolve_method(method, input_dim, config)
-    op = HessianAtTruth(oracle, image, label)
+    op = HessianAtTruth(oracle, image, label, config.jacobian_products)
     if not math.isfinite(op.g_norm):
         raise ProxyError(f"the model's weight gradient at this image is not finite (norm {op.g_norm}); "
                          f"check the model's weights and the image normalisation")
     fd_op = None
     if resolved == "paper":
-        fd_op = op if oracle is model_oracle else HessianAtTruth(model_oracle, image, label)
+        fd_op = op if oracle is model_oracle else HessianAtTruth(model_oracle, image, label,
+                                                                 config.jacobian_products)
     spectra = solve(op, chosen, resolved, config, fd_op=fd_op)
 
     values: dict[str, float] = {"grad_norm": float(model_oracle.gradient(image, label).norm())}

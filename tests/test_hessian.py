@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.func import vmap
 
 from lavp_core.errors import ConfigError, ProxyError
 from lavp_core.gradients import GradientOracle
 from lavp_core.hessian import (
     HessianAtTruth,
     SolverConfig,
+    _mirror_upper,
     exact_spectra,
     lanczos_extreme,
     lanczos_top,
@@ -28,6 +30,7 @@ from lavp_core.hessian import (
     top_start_vector,
 )
 from lavp_core.losses import MatchingLoss, get_loss
+from lavp_core.models import create_model, list_models
 
 
 def _seeded(model: nn.Module, seed: int, scale: float) -> nn.Module:
@@ -115,6 +118,21 @@ def test_chunk_size_does_not_change_the_dense_hessian(mlp_op):
     assert relative_error(generic, whole) < 1e-10
 
 
+def test_dense_hessians_are_exactly_symmetric(mlp_op):
+    for h in (mlp_op.gram(), mlp_op.dense(get_loss("cos-layer"), closed_form=False,
+                                          config=SolverConfig(max_chunk=5))):
+        np.testing.assert_array_equal(h, h.T)
+
+
+def test_mirror_upper_copies_the_upper_triangle_across_blocks():
+    rng = np.random.default_rng(1)
+    d = 2100  # _block_rows(2100) = 998: three blocks, the last one short
+    h = rng.standard_normal((d, d))
+    expected = np.triu(h) + np.triu(h, 1).T
+    _mirror_upper(h)
+    np.testing.assert_array_equal(h, expected)
+
+
 def test_symmetric_spectrum_matches_numpy_and_restores_the_matrix():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((60, 60))
@@ -158,13 +176,31 @@ def test_lanczos_matches_exact(mlp_op):
         assert top.residual <= 1e-8 and bottom.residual <= 1e-8 and 0 < top.iterations <= 600
 
 
-def test_linearised_products_equal_forward_mode(conv_op):
-    v = torch.randn(conv_op.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    before = conv_op.single_jvp(v)  # plain jvp until linearise() is called
-    conv_op.linearise()
-    after = conv_op.single_jvp(v)
-    assert torch.allclose(before, conv_op.jvp(v), rtol=0, atol=0)
+def test_linearised_products_equal_forward_mode():
+    op = HessianAtTruth(GradientOracle(tiny_conv(), dtype=torch.float64), image((2, 5, 5), 1), 2, "forward")
+    v = image((2, 5, 5), 7)[0]
+    before = op.single_jvp(v)  # plain jvp until linearise() is called
+    op.linearise()
+    after = op.single_jvp(v)
+    assert torch.allclose(before, op.jvp(v), rtol=0, atol=0)
     assert float((after - before).norm()) <= 1e-12 * float(before.norm())
+
+
+def test_reverse_jacobian_products_equal_forward_mode(conv_op):
+    """Jv as the transpose of the stored vjp equals forward-mode Jv, single and vmapped, and so do
+    the Hessian-vector products built on either."""
+    assert conv_op.jacobian_products == "reverse"
+    directions = image((3, 2, 5, 5), 8)[0]
+    forward = torch.stack([conv_op.jvp(v) for v in directions])
+    for got in (torch.stack([conv_op.jv(v) for v in directions]), vmap(conv_op.jv)(directions)):
+        assert float((got - forward).norm()) <= 1e-13 * float(forward.norm())
+    forward_op = HessianAtTruth(conv_op.oracle, conv_op.x_star.unsqueeze(0), 2, "forward")
+    v = directions[0]
+    for loss in (get_loss("l2"), get_loss("cos")):
+        a, b = conv_op.hvp(loss, v), forward_op.hvp(loss, v)
+        assert float((a - b).norm()) <= 1e-13 * float(b.norm())
+    with pytest.raises(ConfigError, match="jacobian_products"):
+        HessianAtTruth(conv_op.oracle, conv_op.x_star.unsqueeze(0), 2, "sideways")
 
 
 def test_lanczos_top_with_restarts_and_budget(mlp_op):
@@ -266,3 +302,16 @@ def test_bad_solver_settings():
     with pytest.raises(ConfigError, match="unknown eigen-solver"):
         solve(HessianAtTruth(GradientOracle(tiny_mlp()), image((2, 3, 3)).float(), 0), [get_loss("l2")],
               "power")
+
+
+@pytest.mark.parametrize("spec", list_models(), ids=lambda spec: spec.name)
+def test_reverse_jacobian_products_hold_on_every_registered_model(spec):
+    """The transpose of the stored vjp needs every layer's backward to be differentiable with
+    respect to its incoming gradient; check it against forward mode on each architecture."""
+    model = create_model(spec.name, 10, weights="random", seed=0)
+    size = 32 if spec.input_size <= 32 else 16  # the 224×224 models are fully convolutional
+    op = HessianAtTruth(GradientOracle(model, dtype=torch.float64), image((3, size, size), 2), 3)
+    v = image((3, size, size), 3)[0]
+    forward = op.jvp(v)
+    assert float(forward.norm()) > 0
+    assert float((op.jv(v) - forward).norm()) <= 1e-10 * float(forward.norm())
