@@ -770,7 +770,7 @@ def lanczos_extreme(op: HessianAtTruth, loss: MatchingLoss, which: str,
         raise ConfigError(f"which must be 'max' or 'min', got {which!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     if which == "max" and op.dim > 2:
-        # No linearisation for λ_max: it needs about ten products, fewer than building one pays for.
+        # Never a linearize trace for λ_max (forward products): ten products cost less than building one.
         start = time.perf_counter()
         value, vector, products, solver_ok = lanczos_top(
             op, loss, top_start_vector(op, generator), tol=config.tol, budget=config.lanczos_max_products,
@@ -787,7 +787,7 @@ def lanczos_extreme(op: HessianAtTruth, loss: MatchingLoss, which: str,
     start_vector = torch.randn(op.dim, generator=generator, dtype=torch.float64).numpy()
     start = time.perf_counter()
     if op.dim > 2:
-        op.linearise()  # λ_min takes hundreds of products: build once, shared by the other losses
+        op.linearise()  # forward products: λ_min takes hundreds, so trace once (no-op for reverse)
     solver_ok, note = True, ""
     if op.dim <= 2:  # ARPACK needs k < d − 1; two products give the whole matrix
         for e in np.eye(op.dim):
