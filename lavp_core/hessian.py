@@ -618,7 +618,7 @@ def exact_spectra(op: HessianAtTruth, losses: Sequence[MatchingLoss],
     if needed > config.exact_max_gb:
         raise ProxyError(f"the exact method needs a dense {op.dim:,} × {op.dim:,} Hessian ({needed:.1f} GB, "
                          f"more than exact_max_gb = {config.exact_max_gb:g}); use method 'lanczos'")
-    out: dict[str, LossSpectrum] = {}
+    decomposed: dict[str, tuple] = {}
     closed = sorted((loss for loss in losses if loss.closed_form is not None),
                     key=lambda loss: loss.closed_form != "l2")  # l2 first: cos is built from it
     if closed:
@@ -631,22 +631,27 @@ def exact_spectra(op: HessianAtTruth, losses: Sequence[MatchingLoss],
             if loss.closed_form == "cos" and form == "l2":
                 op.cosine_from_gram(h)
                 form = "cos"
-            out[loss.name] = _exact_extremes(op, loss, h, build + time.perf_counter() - t0, config)
+            decomposed[loss.name] = _decompose(h, build + time.perf_counter() - t0)
         del h
     for loss in losses:
         if loss.closed_form is None:
             start = time.perf_counter()
             h = op.dense(loss, closed_form=False, config=config)
-            out[loss.name] = _exact_extremes(op, loss, h, time.perf_counter() - start, config)
+            decomposed[loss.name] = _decompose(h, time.perf_counter() - start)
             del h
-    return {loss.name: out[loss.name] for loss in losses}
+    # Residuals only now, with no d × d matrix alive: their products do not add to the peak memory.
+    return {loss.name: _certified(op, loss, *decomposed[loss.name], config) for loss in losses}
 
 
-def _exact_extremes(op: HessianAtTruth, loss: MatchingLoss, h: np.ndarray, seconds_so_far: float,
-                    config: SolverConfig) -> LossSpectrum:
+def _decompose(h: np.ndarray, seconds_so_far: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(all eigenvalues, v_min, v_max, seconds including ``seconds_so_far``) of a dense Hessian."""
     start = time.perf_counter()
     eigenvalues, v_min, v_max = symmetric_spectrum(h)
-    seconds = seconds_so_far + time.perf_counter() - start
+    return eigenvalues, v_min, v_max, seconds_so_far + time.perf_counter() - start
+
+
+def _certified(op: HessianAtTruth, loss: MatchingLoss, eigenvalues: np.ndarray, v_min: np.ndarray,
+               v_max: np.ndarray, seconds: float, config: SolverConfig) -> LossSpectrum:
     top, bottom = float(eigenvalues[-1]), float(eigenvalues[0])
     scale = max(abs(top), abs(bottom))
     results = {which: _result(op, loss, which, "exact", value, vector, op.dim, seconds, config, scale)
