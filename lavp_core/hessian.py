@@ -761,6 +761,136 @@ def lanczos_top(op: HessianAtTruth, loss: MatchingLoss, start: torch.Tensor, *, 
     return theta, (ritz.view(op.shape) if ritz is not None else None), products, converged
 
 
+@dataclass
+class TopRitz:
+    """The current top Ritz pair of one closed-form Hessian in :func:`closed_form_tops`."""
+
+    value: float = math.nan
+    vector: torch.Tensor | None = None  # (C, H, W)
+    residual: float = math.inf  # ‖Hy − θy‖ / |θ|, computed explicitly from the stored products
+    products: int = 0  # products of JᵀJ spent when it converged (or so far)
+    seconds: float = 0.0
+    converged: bool = False
+
+
+def closed_form_tops(op: HessianAtTruth, forms: Sequence[str], generator: torch.Generator, *, tol: float,
+                     budget: int, basis_size: int,
+                     on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, TopRitz]:
+    """λ_max of the closed-form Hessians (``"l2"``: A = JᵀJ; ``"cos"``: (A − wwᵀ)/‖g*‖², w = Jᵀĝ)
+    from one subspace of products of A, so that asking for both costs little more than one.
+
+    The basis V (orthonormal, d × k) starts with ŵ = w/‖w‖, and the products AV are kept. Because w
+    lies in span(V), each Hessian's Rayleigh–Ritz matrix is exact without further products:
+    VᵀAV for ``l2``, (VᵀAV − zzᵀ)/‖g*‖² with z = Vᵀw for ``cos``; and so is each Ritz vector's residual,
+    Hy − θy, assembled from AV. After each product the forms whose relative residual is at most
+    ``tol`` are done; V grows by the residual of the worst remaining one (a random direction of norm
+    1e-2 is added to the first such step, so that no eigen-direction is missed entirely). For one form
+    this spans the same Krylov space as Lanczos from ŵ. At ``basis_size`` vectors V restarts thick,
+    from ŵ and the current Ritz vectors, whose products are combinations of AV (no product spent).
+    Stops when every form is done, when V cannot grow (the subspace is invariant, so the Ritz pairs
+    are exact), or after ``budget`` products. ``on_step(products, {form: θ})`` sees each estimate.
+    """
+    unknown = [form for form in forms if form not in ("l2", "cos")]
+    if unknown or not forms:
+        raise ConfigError(f"closed_form_tops takes the closed forms 'l2' and 'cos', got {list(forms)!r}")
+    began = time.perf_counter()
+    d = op.dim
+    has_gradient = op.g_norm > 0 and math.isfinite(op.g_norm)
+    w = (op.vjp(op.unit_gradient).reshape(-1).detach() if has_gradient or "cos" in forms
+         else torch.zeros(d, dtype=op.dtype, device=op.device))
+    scale = op.g_norm ** 2 if has_gradient else 1.0
+    noise = torch.randn(d, generator=generator, dtype=torch.float64).to(op.device, op.dtype)
+    basis: list[torch.Tensor] = []  # orthonormal (d,)
+    images: list[torch.Tensor] = []  # A v for each v in basis
+    found = {form: TopRitz() for form in forms}
+    products = 0
+
+    def grow(v: torch.Tensor) -> bool:
+        nonlocal products
+        before = float(v.norm())
+        if basis:
+            stacked = torch.stack(basis, dim=1)
+            for _ in range(2):  # orthogonalise twice
+                v = v - stacked @ (stacked.T @ v)
+        norm = float(v.norm())
+        if not norm > 1e-10 * before or not math.isfinite(norm):
+            return False
+        v = v / norm
+        av = op.vjp(op.single_jvp(v.view(op.shape))).reshape(-1).detach()
+        products += 1
+        if not bool(torch.isfinite(av).all()):
+            raise ProxyError("a Hessian-vector product at x* is not finite; the model is not twice "
+                             "differentiable at this image")
+        basis.append(v)
+        images.append(av)
+        return True
+
+    w_norm = float(w.norm())
+    first = w / w_norm if w_norm > 0 and math.isfinite(w_norm) else noise
+    grow(first)
+    noise_added = first is noise
+    while True:
+        v_mat, av_mat = torch.stack(basis, dim=1), torch.stack(images, dim=1)  # (d, k)
+        projected = (v_mat.T @ av_mat).detach().to("cpu", torch.float64).numpy()
+        projected = 0.5 * (projected + projected.T)
+        z = (v_mat.T @ w).detach().to("cpu", torch.float64).numpy()
+        worst, worst_residual = None, -1.0
+        for form, state in found.items():
+            if state.converged:
+                continue
+            matrix = projected if form == "l2" else (projected - np.outer(z, z)) / scale
+            values, vectors = np.linalg.eigh(matrix)
+            theta, coefficients = float(values[-1]), vectors[:, -1]
+            c = torch.as_tensor(coefficients, dtype=op.dtype, device=op.device)
+            y, ay = v_mat @ c, av_mat @ c
+            hy = ay if form == "l2" else (ay - w * torch.dot(w, y)) / scale
+            r = hy - theta * y
+            relative = float(r.norm()) / abs(theta) if theta != 0 else math.inf
+            state.value, state.vector, state.residual = theta, y.view(op.shape), relative
+            state.products, state.seconds = products, time.perf_counter() - began
+            if relative <= tol:
+                state.converged = True
+            elif relative > worst_residual:
+                worst, worst_residual = r, relative
+        if on_step is not None:
+            on_step(products, {form: state.value for form, state in found.items()})
+        if worst is None or products >= budget:
+            break
+        if len(basis) >= basis_size:  # thick restart from ŵ and the Ritz vectors: no products spent
+            keep = [v_mat.T @ state.vector.reshape(-1) for state in found.values()]  # V orthonormal
+            coefficients = torch.stack([torch.eye(len(basis), dtype=op.dtype, device=op.device)[0], *keep], 1)
+            q, _ = torch.linalg.qr(coefficients)
+            basis, images = list((v_mat @ q).T), list((av_mat @ q).T)
+        if not noise_added:
+            worst = worst + 1e-2 * float(worst.norm()) * noise / float(noise.norm())
+            noise_added = True
+        if not grow(worst):  # the subspace is invariant: its Ritz pairs are exact
+            for state in found.values():
+                state.converged = state.converged or state.residual <= tol
+            break
+    return found
+
+
+def lanczos_tops(op: HessianAtTruth, losses: Sequence[MatchingLoss], config: SolverConfig = DEFAULT_SOLVER,
+                 generator: torch.Generator | None = None) -> dict[str, EigenResult]:
+    """λ_max of closed-form losses by :func:`closed_form_tops` (one shared subspace), each certified
+    by an exact residual. Losses without a closed form are refused (use :func:`lanczos_extreme`)."""
+    if any(loss.closed_form is None for loss in losses):
+        raise ConfigError("lanczos_tops takes closed-form losses only ('l2', 'cos')")
+    generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+    forms = sorted({loss.closed_form for loss in losses}, key=lambda form: form != "l2")
+    tops = closed_form_tops(op, forms, generator, tol=config.tol, budget=config.lanczos_max_products,
+                            basis_size=max(3, min(config.lanczos_ncv_max, op.dim)))
+    out = {}
+    for loss in losses:
+        top = tops[loss.closed_form]
+        note = "" if top.converged else (f"Lanczos did not converge within {config.lanczos_max_products} "
+                                         f"Hessian-vector products; the value is the best Ritz estimate so far")
+        out[loss.name] = _result(op, loss, "max", "lanczos", top.value, top.vector, top.products, top.seconds,
+                                 config, abs(top.value), top.converged, note)
+    return out
+
+
 def lanczos_extreme(op: HessianAtTruth, loss: MatchingLoss, which: str,
                     config: SolverConfig = DEFAULT_SOLVER, generator: torch.Generator | None = None,
                     scale: float | None = None) -> EigenResult:
@@ -774,6 +904,8 @@ def lanczos_extreme(op: HessianAtTruth, loss: MatchingLoss, which: str,
     if which not in EXTREMES:
         raise ConfigError(f"which must be 'max' or 'min', got {which!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+    if which == "max" and op.dim > 2 and loss.closed_form is not None:
+        return lanczos_tops(op, [loss], config, generator)[loss.name]
     if which == "max" and op.dim > 2:
         # Never a linearize trace for λ_max (forward products): ten products cost less than building one.
         start = time.perf_counter()
@@ -908,9 +1040,12 @@ def solve(op: HessianAtTruth, losses: Sequence[MatchingLoss], method: str,
     if method == "exact":
         return exact_spectra(op, losses, config)
     out: dict[str, LossSpectrum] = {}
+    closed = [loss for loss in losses if loss.closed_form is not None]
+    # The closed forms' maxima share one subspace of products (both for the cost of about one).
+    tops = lanczos_tops(op, closed, config, generator) if method == "lanczos" and closed and op.dim > 2 else {}
     for loss in losses:
         if method == "lanczos":
-            top = lanczos_extreme(op, loss, "max", config, generator)
+            top = tops.get(loss.name) or lanczos_extreme(op, loss, "max", config, generator)
             bottom = lanczos_extreme(op, loss, "min", config, generator, scale=abs(top.value))
         else:
             top, bottom = paper_extremes(fd_op or op, op, loss, config, generator)

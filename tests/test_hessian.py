@@ -20,11 +20,14 @@ from lavp_core.hessian import (
     HessianAtTruth,
     SolverConfig,
     _mirror_upper,
+    closed_form_tops,
     exact_spectra,
     lanczos_extreme,
     lanczos_top,
+    lanczos_tops,
     paper_extremes,
     power_iteration,
+    residual_of,
     solve,
     symmetric_spectrum,
     top_start_vector,
@@ -315,3 +318,32 @@ def test_reverse_jacobian_products_hold_on_every_registered_model(spec):
     forward = op.jvp(v)
     assert float(forward.norm()) > 0
     assert float((op.jv(v) - forward).norm()) <= 1e-10 * float(forward.norm())
+
+
+@pytest.mark.parametrize("basis_size", [60, 4])  # 4: thick restarts along the way
+def test_closed_form_tops_share_one_subspace(conv_op, basis_size):
+    references = {form: np.linalg.eigvalsh(reference_hessian(conv_op, get_loss(form)))[-1] for form in ("l2", "cos")}
+    seen = []
+    tops = closed_form_tops(conv_op, ["l2", "cos"], torch.Generator().manual_seed(0), tol=1e-10, budget=300,
+                            basis_size=basis_size, on_step=lambda k, thetas: seen.append((k, dict(thetas))))
+    for form, top in tops.items():
+        assert top.converged and math.isclose(top.value, references[form], rel_tol=1e-9)
+        # the residual assembled from stored products is the true one
+        true = residual_of(conv_op, get_loss(form), top.value, top.vector) / abs(top.value)
+        assert math.isclose(top.residual, true, rel_tol=1e-6, abs_tol=1e-14) and true <= 1e-10
+        # Rayleigh–Ritz values never exceed λ_max
+        assert all(thetas[form] <= references[form] * (1 + 1e-12) for _, thetas in seen)
+    products = [k for k, _ in seen]
+    assert products == list(range(1, products[-1] + 1))
+    alone = {form: closed_form_tops(conv_op, [form], torch.Generator().manual_seed(0), tol=1e-10, budget=300,
+                                    basis_size=basis_size)[form].products for form in ("l2", "cos")}
+    assert products[-1] < sum(alone.values())  # both together cost less than one after the other
+
+
+def test_closed_form_tops_budget_and_bad_forms(mlp_op):
+    tops = closed_form_tops(mlp_op, ["cos"], torch.Generator().manual_seed(0), tol=1e-15, budget=2, basis_size=10)
+    assert not tops["cos"].converged and tops["cos"].products == 2 and tops["cos"].residual > 1e-15
+    with pytest.raises(ConfigError, match="closed forms"):
+        closed_form_tops(mlp_op, ["cos-layer"], torch.Generator().manual_seed(0), tol=1e-4, budget=10, basis_size=5)
+    with pytest.raises(ConfigError, match="closed-form losses only"):
+        lanczos_tops(mlp_op, [get_loss("cos-layer")])
