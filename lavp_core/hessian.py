@@ -30,10 +30,12 @@ Three eigen-solvers, each returning :class:`EigenResult` values that carry their
   Jv, then Jᵀ U by vmapped vjp), then every eigenvalue (the spectrum) and the two extreme eigenvectors
   from one in-place tridiagonal reduction. Peak memory is the larger of the d × d matrix's upper
   half plus ``memory_mb`` (while the chunks run) and the whole matrix (while it is decomposed).
-* ``lanczos``: matrix-free, for large inputs: λ_max by a Lanczos iteration with full
-  reorthogonalisation started from Jᵀĝ (the top of these Hessians is well separated and Jᵀĝ leans
-  towards it, so a handful of products certify it), λ_min by ARPACK's implicitly restarted Lanczos
-  (``scipy.sparse.linalg.eigsh``) within a product budget, over products through the linearisation.
+* ``lanczos``: matrix-free, for large inputs: λ_max of the closed forms by one subspace iteration
+  over products of JᵀJ started from Jᵀĝ (:func:`closed_form_tops`: Rayleigh–Ritz for ``l2`` and
+  ``cos`` at once, the cosine's rank-one term exact because Jᵀĝ stays in the basis; the top of these
+  Hessians is well separated and Jᵀĝ leans towards it, so a handful of products certify both), of
+  other losses by Lanczos with full reorthogonalisation (:func:`lanczos_top`); λ_min by ARPACK's
+  implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``) within a product budget.
 * ``paper``: the paper's recipe: finite-difference Jacobian-vector products, power iteration for
   λ_max, then power iteration on (λ_max·I − H) for λ_min, each within an iteration budget.
 
@@ -96,7 +98,8 @@ class SolverConfig:
             d × d float64 matrix of ``exact`` (4·d² bytes) comes on top while chunks run.
         exact_max_gb: ``exact`` refuses inputs whose dense Hessian would need more than this.
         max_chunk: upper bound on the columns per chunk.
-        lanczos_ncv_max: Lanczos basis size for λ_max before an explicit restart from the Ritz vector.
+        lanczos_ncv_max: basis size for λ_max before a restart (closed forms: thick, from Jᵀĝ and the
+            Ritz vectors; other losses: explicit, from the Ritz vector).
         lanczos_ncv_min: ARPACK's Lanczos basis size for λ_min (larger: the bottom is clustered).
         lanczos_max_products: Hessian-vector products allowed for λ_max by ``lanczos``.
         lanczos_min_products: Hessian-vector products allowed for λ_min by ``lanczos``.
