@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import threading
 import time
 import warnings
@@ -388,7 +389,7 @@ class HessianAtTruth:
         :func:`_store_upper`), so the chunks' working memory and the d × d matrix's lower half
         are never resident together.
         """
-        h = np.empty((self.dim, self.dim), dtype=np.float64)
+        h = _dense_matrix(self.dim)
         chunk = self.chunk_size(config)
         jacobian_columns = vmap(self.jvp)  # forward mode: the primal once per chunk
         pullback = vmap(self.vjp)
@@ -420,7 +421,7 @@ class HessianAtTruth:
             if loss.closed_form == "cos":
                 self.cosine_from_gram(h)
             return h
-        h = np.empty((self.dim, self.dim), dtype=np.float64)
+        h = _dense_matrix(self.dim)
         chunk = self.chunk_size(config, third_order=True)
         columns = vmap(lambda e: self.autodiff_hvp(loss, e))
         for start in range(0, self.dim, chunk):
@@ -480,6 +481,21 @@ def _check_finite(h: np.ndarray, loss_name: str) -> None:
 def _block_rows(d: int, budget_bytes: int = 16 * 2 ** 20) -> int:
     """Rows of a (rows, d) float64 temporary that fit in ``budget_bytes``."""
     return int(max(16, min(d, budget_bytes // (8 * d))))
+
+
+def _dense_matrix(d: int) -> np.ndarray:
+    """An uninitialised (d, d) float64 matrix whose memory becomes resident only where it is written.
+
+    numpy asks the kernel for transparent huge pages on large arrays (2 MiB each, ~21 rows of a
+    d = 12,288 matrix), so writing only the upper triangle would still make the whole matrix resident.
+    Large matrices are therefore mapped here with huge pages declined (4 KiB pages), Linux only.
+    """
+    size = 8 * d * d
+    if size < 2 ** 24 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.empty((d, d), dtype=np.float64)
+    buffer = mmap.mmap(-1, size)
+    buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype=np.float64).reshape(d, d)
 
 
 def _store_upper(h: np.ndarray, start: int, rows: np.ndarray, loss_name: str) -> None:

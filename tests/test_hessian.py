@@ -7,6 +7,8 @@ closed forms, the generic forward-over-reverse path and every solver must agree 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ from lavp_core.gradients import GradientOracle
 from lavp_core.hessian import (
     HessianAtTruth,
     SolverConfig,
+    _dense_matrix,
     _mirror_upper,
+    _store_upper,
     closed_form_tops,
     exact_spectra,
     lanczos_extreme,
@@ -347,3 +351,24 @@ def test_closed_form_tops_budget_and_bad_forms(mlp_op):
         closed_form_tops(mlp_op, ["cos-layer"], torch.Generator().manual_seed(0), tol=1e-4, budget=10, basis_size=5)
     with pytest.raises(ConfigError, match="closed-form losses only"):
         lanczos_tops(mlp_op, [get_loss("cos-layer")])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_dense_matrix_pages_become_resident_only_where_written():
+    """The exact path writes only the upper triangle while its chunks run; with numpy's default
+    (transparent huge pages) the whole matrix would become resident at once."""
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    d = 3000
+    h = _dense_matrix(d)
+    assert h.shape == (d, d) and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable
+    before = resident_mib()
+    rows = np.ones((100, d))
+    for start in range(0, d, 100):
+        _store_upper(h, start, rows, "l2")
+    grown = resident_mib() - before
+    assert grown < 0.7 * 8 * d * d / 2 ** 20
+    _mirror_upper(h)
+    assert bool((h == 1.0).all())
