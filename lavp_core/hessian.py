@@ -261,7 +261,7 @@ class HessianAtTruth:
         if self.jacobian_products == "forward":
             return None
         if self._transpose is None:
-            self._transpose = vjp(self._pullback_input, torch.zeros_like(self.g_star))[1]
+            self._transpose = vjp(self.vjp, torch.zeros_like(self.g_star))[1]
         return self._transpose
 
     def linearise(self) -> None:
@@ -285,9 +285,6 @@ class HessianAtTruth:
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
         """Jᵀ u (C, H, W) for a gradient-space vector u (n,), through the stored linearisation."""
-        return self._pullback(u)[0]
-
-    def _pullback_input(self, u: torch.Tensor) -> torch.Tensor:
         return self._pullback(u)[0]
 
     @property
