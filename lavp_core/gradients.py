@@ -105,6 +105,11 @@ def _affine_batch_norms(module: nn.Module) -> None:
 class GradientOracle:
     """A frozen functional view of a classifier for computing weight gradients.
 
+    One oracle serves one thread at a time: ``functional_call`` swaps the private module's tensors
+    while a forward pass runs, so two threads evaluating the same oracle at once interfere
+    (torch.func then fails with an internal assertion). Build one oracle per thread; each holds its
+    own copy of the model. Every attack and proxy in this package does.
+
     Args:
         model: any ``nn.Module`` classifier mapping (1, C, H, W) to (1, classes) logits.
         device: where to compute; defaults to the model's device.
