@@ -73,7 +73,6 @@ class ProbeGradients:
         for m in self.layers:
             m.register_forward_hook(self._hook)
         with torch.no_grad():
-            self.probes = {}
             functional_call(self.module, (self.params, self.buffers), (torch.zeros(1, *image_shape),))
 
     def _hook(self, module, inputs, output):
@@ -168,7 +167,11 @@ def variants(arch: str, with_compile: bool):
     if with_compile:
         compiled = (torch.compile(single, dynamic=False), torch.compile(batched, dynamic=False))
     reference = batched(x)[0]
-    for name, fn in found:
+    checked = list(found)
+    if compiled is not None:
+        checked += [("compiled R=1", lambda xs: torch.stack([compiled[0](xi)[0] for xi in xs])),
+                    ("compiled vmap", compiled[1])]
+    for name, fn in checked:
         value = fn(x)
         value = value[0] if isinstance(value, tuple) else value
         err = float((value - reference).norm() / reference.norm())
