@@ -67,8 +67,13 @@ def build_model(config: ScenarioConfig, info: DatasetInfo, device: torch.device 
 
 
 def build_scenario(config: ScenarioConfig, device: torch.device | str = "cpu",
-                   image_bytes: bytes | None = None, resolution: int | None = None) -> Scenario:
-    """Load the image (dataset index, a file, or uploaded bytes) and build the model."""
+                   image_bytes: bytes | None = None, resolution: int | None = None,
+                   model: nn.Module | None = None) -> Scenario:
+    """Load the image (dataset index, a file, or uploaded bytes) and build the model.
+
+    ``model``, when given, is used instead of building one from ``config`` (the app passes its cached
+    copy of the same ``arch``/``weights``/``seed``); it is checked against the dataset's input shape.
+    """
     if resolution is None and config.dataset == "imagefolder":
         resolution = model_spec(config.arch).input_size
     dataset = load_dataset(config.dataset, config.split, root=config.data_root, download=config.download,
@@ -86,6 +91,9 @@ def build_scenario(config: ScenarioConfig, device: torch.device | str = "cpu",
     else:
         image01, label = dataset[config.index]
         description = dataset.describe(config.index)
-    model = build_model(config, info, device)
+    if model is None:
+        model = build_model(config, info, device)
+    else:
+        check_input_fits(model, info.image_shape, config.arch)
     image01 = image01.unsqueeze(0).to(device)
     return Scenario(config, info, model, image01, info.normalize(image01), int(label), description)
