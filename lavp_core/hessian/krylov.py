@@ -61,9 +61,9 @@ import scipy.sparse.linalg as sparse_linalg
 import torch
 from torch.func import grad, jvp, linearize, vjp, vmap
 
-from .errors import ConfigError, ProxyError
-from .gradients import GradientOracle
-from .losses import MatchingLoss
+from ..errors import ConfigError, ProxyError
+from ..gradients import GradientOracle
+from ..losses import MatchingLoss
 
 # Two notices torch prints from inside its own forward-mode code, nothing a user can act on:
 # torch.func.jvp's first call warns that torch.jit.script is deprecated, and torch.func.linearize's
