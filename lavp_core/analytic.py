@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +48,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import AttackConfig, AttackPreset, register_preset
+from .attacks import AttackSnapshot
+from .data import DatasetInfo
 from .errors import ConfigError, ModelError, UnsupportedModelError
-from .gradients import ClientUpdate, GradientOracle
+from .gradients import ClientUpdate, GradientOracle, client_update
+from .presets import AttackKind, AttackOutcome, AttackPreset, AttackRequest, register_kind, register_preset
 
 _POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
@@ -819,6 +822,48 @@ def reconstruct_rconv(model: nn.Module, update: ClientUpdate, *, config: RConvCo
                                            config=config, device=device)
 
 
+class AnalyticAttack(AttackKind):
+    """R-CONV: solve the gradient's linear constraints layer by layer, in float64; no settings."""
+
+    name = "analytic"
+    summary = "closed-form reconstruction from the gradient's linear constraints (no optimisation)"
+    studied = False
+    settings = ()
+
+    def defaults(self, preset: AttackPreset) -> AttackRequest:
+        return AttackRequest(preset.name)
+
+    def start(self, preset, model, image, label, info, request, *, generator, device, snapshot_every):
+        return _RConvRun(preset, model, image, label, info, device)
+
+
+class _RConvRun:
+    """One R-CONV solve seen through the registry's run protocol: one step, one snapshot."""
+
+    total_steps = 1
+
+    def __init__(self, preset: AttackPreset, model: nn.Module, image: torch.Tensor, label: int,
+                 info: DatasetInfo, device: torch.device):
+        self.preset, self.model, self.info, self.label, self.device = preset, model, info, int(label), device
+        oracle = GradientOracle(model, device=device, dtype=torch.float64)
+        self.update = client_update(oracle, image.double(), label)
+        self.outcome: AttackOutcome | None = None
+
+    def cancel(self) -> None:
+        """R-CONV is one solve and cannot be cut short."""
+
+    def __iter__(self) -> Iterator[AttackSnapshot]:
+        tic = time.perf_counter()
+        result = reconstruct_rconv(self.model, self.update, device=self.device)
+        seconds = time.perf_counter() - tic
+        image01 = self.info.denormalize(result.reconstruction[0].float()).cpu()
+        yield AttackSnapshot(1, 1, math.nan, (math.nan,), image01, None)
+        details = {"layers": result.layers, "gradient_residual": result.gradient_residual}
+        self.outcome = AttackOutcome(self.preset.name, self.preset.kind, result.reconstruction, math.nan,
+                                     result.label, self.label, 1, seconds, False, (), details)
+
+
+register_kind(AnalyticAttack())
 register_preset(AttackPreset(
     "rconv", "R-CONV: analytical single-image reconstruction from conv/linear gradients (float64; "
-    "architectures like cnn-rconv, mlp-rconv)", AttackConfig(), kind="analytic"))
+    "architectures like cnn-rconv, mlp-rconv)", "analytic"))

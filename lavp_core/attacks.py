@@ -25,8 +25,18 @@ from torch.func import grad_and_value, vmap
 
 from .data import DatasetInfo
 from .errors import ConfigError
-from .gradients import ClientUpdate, GradientOracle, infer_label
+from .gradients import ClientUpdate, GradientOracle, client_update, infer_label
 from .losses import get_loss
+from .presets import (
+    AttackKind,
+    AttackPreset,
+    AttackRequest,
+    StreamedRun,
+    get_preset,
+    list_presets,
+    register_kind,
+    register_preset,
+)
 
 OPTIMIZERS = ("adam", "lbfgs")
 SCHEDULES = ("none", "step")
@@ -89,57 +99,18 @@ class AttackConfig:
         return self
 
 
-@dataclass(frozen=True)
-class AttackPreset:
-    name: str
-    description: str
-    config: AttackConfig
-    kind: str = "optimisation"  # "optimisation" (this engine), "analytic" or "generative"
-
-
-_PRESETS: dict[str, AttackPreset] = {}
-
-
-def register_preset(preset: AttackPreset) -> AttackPreset:
-    _PRESETS[preset.name] = preset
-    return preset
-
-
-def list_presets() -> list[AttackPreset]:
-    return list(_PRESETS.values())
-
-
-def get_preset(name: str) -> AttackPreset:
-    if name not in _PRESETS:
-        raise ConfigError(f"unknown attack preset {name!r}: choose one of {', '.join(_PRESETS)}")
-    return _PRESETS[name]
-
-
 def preset_config(name: str, **overrides) -> AttackConfig:
-    """The preset's configuration with ``overrides`` (``None`` values are ignored), validated."""
+    """An optimisation preset's configuration with ``overrides`` (``None`` values are ignored), validated."""
     preset = get_preset(name)
+    if not isinstance(preset.config, AttackConfig):
+        raise ConfigError(f"preset {name!r} is a {preset.kind} attack, not one of this engine's: "
+                          f"choose one of {', '.join(p.name for p in list_presets() if p.kind == 'optimisation')}")
     known = {f.name for f in fields(AttackConfig)}
     unknown = set(overrides) - known
     if unknown:
         raise ConfigError(f"unknown attack settings {sorted(unknown)}: use {sorted(known)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
     return replace(preset.config, **changes).validated()
-
-
-register_preset(AttackPreset(
-    "dlg", "Deep Leakage from Gradients: L2 matching, L-BFGS (lr 1), 300 steps, no prior",
-    AttackConfig(loss="l2", optimizer="lbfgs", lr=1.0, steps=300, init="randn")))
-register_preset(AttackPreset(
-    "idlg", "iDLG: DLG with the label inferred from the last layer's gradient",
-    AttackConfig(loss="l2", optimizer="lbfgs", lr=1.0, steps=300, init="randn", label="inferred")))
-register_preset(AttackPreset(
-    "ig", "Inverting Gradients: cosine matching, signed Adam (lr 0.1), boxed, TV 1e-4, step decay, 4800 steps",
-    AttackConfig(loss="cos", optimizer="adam", lr=0.1, steps=4800, schedule="step", tv_weight=1e-4,
-                 signed=True, boxed=True, init="randn")))
-register_preset(AttackPreset(
-    "lavp-paper", "The LAVP paper's protocol: chosen loss + TV, Adam, best of 3 seeds",
-    AttackConfig(loss="cos", optimizer="adam", lr=0.1, steps=1000, schedule="step", tv_weight=1e-4,
-                 boxed=True, init="randn", restarts=3)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,3 +387,47 @@ def run_attack(model: nn.Module | GradientOracle, update: ClientUpdate, config: 
     for _ in run:
         pass
     return run.result
+
+
+# --------------------------------------------------------------------------------------------
+# The optimisation kind and its presets
+
+
+class OptimisationAttack(AttackKind):
+    """This module's engine: gradient matching by Adam or L-BFGS from random starts."""
+
+    name = "optimisation"
+    summary = "gradient matching by optimisation from random starts (this module's engine)"
+    studied = True
+    settings = ("loss", "steps", "restarts", "lr", "tv_weight", "label")
+
+    def defaults(self, preset: AttackPreset) -> AttackRequest:
+        c = preset.config
+        return AttackRequest(preset.name, loss=c.loss, steps=c.steps, restarts=c.restarts, lr=c.lr,
+                             tv_weight=c.tv_weight, label=c.label)
+
+    def start(self, preset, model, image, label, info, request, *, generator, device, snapshot_every):
+        oracle = GradientOracle(model, device=device)
+        update = client_update(oracle, image, label)
+        config = preset_config(preset.name, loss=request.loss, steps=request.steps, restarts=request.restarts,
+                               lr=request.lr, tv_weight=request.tv_weight, label=request.label)
+        return StreamedRun(preset, AttackRun(oracle, update, config, info, generator=generator, device=device,
+                                             snapshot_every=snapshot_every))
+
+
+register_kind(OptimisationAttack())
+register_preset(AttackPreset(
+    "dlg", "Deep Leakage from Gradients: L2 matching, L-BFGS (lr 1), 300 steps, no prior", "optimisation",
+    AttackConfig(loss="l2", optimizer="lbfgs", lr=1.0, steps=300, init="randn")))
+register_preset(AttackPreset(
+    "idlg", "iDLG: DLG with the label inferred from the last layer's gradient", "optimisation",
+    AttackConfig(loss="l2", optimizer="lbfgs", lr=1.0, steps=300, init="randn", label="inferred")))
+register_preset(AttackPreset(
+    "ig", "Inverting Gradients: cosine matching, signed Adam (lr 0.1), boxed, TV 1e-4, step decay, 4800 steps",
+    "optimisation",
+    AttackConfig(loss="cos", optimizer="adam", lr=0.1, steps=4800, schedule="step", tv_weight=1e-4,
+                 signed=True, boxed=True, init="randn")))
+register_preset(AttackPreset(
+    "lavp-paper", "The LAVP paper's protocol: chosen loss + TV, Adam, best of 3 seeds", "optimisation",
+    AttackConfig(loss="cos", optimizer="adam", lr=0.1, steps=1000, schedule="step", tv_weight=1e-4,
+                 boxed=True, init="randn", restarts=3)))

@@ -36,20 +36,20 @@ import torch
 import torch.nn as nn
 from torch.func import grad_and_value, vmap
 
-from .attacks import (
-    AttackConfig,
-    AttackPreset,
-    AttackResult,
-    AttackSnapshot,
-    VictimRun,
-    register_preset,
-    total_variation,
-)
+from .attacks import AttackResult, AttackSnapshot, VictimRun, total_variation
 from .data import DatasetInfo
 from .errors import CheckpointError, ConfigError
-from .gradients import ClientUpdate, GradientOracle
+from .gradients import ClientUpdate, GradientOracle, client_update
 from .losses import get_loss
 from .models import ASSETS
+from .presets import (
+    AttackKind,
+    AttackPreset,
+    AttackRequest,
+    StreamedRun,
+    register_kind,
+    register_preset,
+)
 
 GENERATOR_PATH = ASSETS / "generator" / "dcgan-photos.pt"
 TRAIN_COMMAND = ("python -m lavp_core train-generator --dataset photos --epochs 64 "
@@ -562,11 +562,35 @@ def run_gifd(model: nn.Module | GradientOracle, update: ClientUpdate, info: Data
 
 DEFAULT_GIFD = GifdConfig()
 
+
+class GenerativeAttack(AttackKind):
+    """GIFD: optimisation in a generator's latent and feature spaces, stage by stage."""
+
+    name = "generative"
+    summary = "gradient matching through a generative image prior (latent, then feature stages)"
+    studied = False
+    settings = ("loss", "steps", "restarts", "lr", "tv_weight", "label")
+
+    def defaults(self, preset: AttackPreset) -> AttackRequest:
+        c = preset.config
+        return AttackRequest(preset.name, loss=c.loss, steps=c.total_steps, restarts=c.restarts, lr=c.lr,
+                             tv_weight=c.tv_weight, label=c.label)
+
+    def start(self, preset, model, image, label, info, request, *, generator, device, snapshot_every):
+        oracle = GradientOracle(model, device=device)
+        update = client_update(oracle, image, label)
+        config = gifd_config_from(steps=request.steps, restarts=request.restarts, lr=request.lr,
+                                  loss=request.loss, label=request.label, tv_weight=request.tv_weight,
+                                  base=preset.config)
+        run = GifdRun(oracle, update, config, info, generator=generator, device=device,
+                      snapshot_every=snapshot_every)
+        return StreamedRun(preset, run, lambda result: {"stages": result.stages, "best_stage": result.best_stage})
+
+
+register_kind(GenerativeAttack())
 register_preset(AttackPreset(
     "gifd",
     "GIFD: DCGAN prior trained on photos; latent stage then 3 feature stages in growing l1 balls, cosine "
     f"+ TV 1e-4 + image norm, Adam with warm-up and cosine ramp-down, {DEFAULT_GIFD.restarts} restarts, "
     f"{DEFAULT_GIFD.total_steps} steps in all",
-    AttackConfig(loss="cos", optimizer="adam", lr=DEFAULT_GIFD.lr, steps=DEFAULT_GIFD.total_steps,
-                 tv_weight=DEFAULT_GIFD.tv_weight, restarts=DEFAULT_GIFD.restarts, init="randn"),
-    kind="generative"))
+    "generative", DEFAULT_GIFD))

@@ -1,25 +1,34 @@
 """Vulnerability proxies of one client image: the gradient norm, LAVP for each matching loss, fusions.
 
-Names (the proxy registry, :func:`list_proxies`):
+The proxy table (:func:`proxy_table`) is the one place that says which proxies exist, how each is
+computed, how it is labelled, what it means and what the paper calls it; :func:`compute_proxies`,
+the study's rows and report order, and the app's pages all read it.
 
-* ``grad_norm``: ‖g*‖, the baseline proxy;
-* ``{loss}_max`` / ``{loss}_min``: λ_max / λ_min of the loss's Hessian at x* (LAVP), for every
-  registered matching loss, with ``-`` in a loss name written ``_`` so that every proxy name is an
-  identifier: ``l2_max``, ``cos_min``, ``cos_layer_max`` (loss ``cos-layer``);
-* ``fusion``: sqrt(l2_max · cos_min), the paper's loss-agnostic proxy (its Table 3), defined when
-  both ``l2`` and ``cos`` are computed; :func:`geometric_fusion` forms the geometric mean of any
-  chosen (loss, extreme) pairs, and ``compute_proxies(..., fusions={...})`` adds such named fusions.
+* ``grad_norm``: ‖g*‖, the baseline proxy (kind ``gradient``: computed from g* directly);
+* ``{loss}_max`` / ``{loss}_min``: λ_max / λ_min of the loss's Hessian at x* (LAVP; kind
+  ``eigenvalue``), for every registered matching loss, with ``-`` in a loss name written ``_`` so
+  that every proxy name is an identifier: ``l2_max``, ``cos_min``, ``cos_layer_max`` (loss
+  ``cos-layer``);
+* ``fusion``: sqrt(l2_max · cos_min), the paper's loss-agnostic proxy (its Table 3; kind ``fusion``),
+  defined when both ``l2`` and ``cos`` are computed; :func:`geometric_fusion` forms the geometric
+  mean of any chosen (loss, extreme) pairs, and ``compute_proxies(..., fusions={...})`` adds such
+  named fusions.
 
 The paper's own column names map as: max → ``l2_max``, min → ``l2_min``, ang_max → ``cos_max``,
 ang_min → ``cos_min``.
+
+Adding a proxy: a gradient proxy is one :func:`register_gradient_proxy` call, a fusion one
+:func:`register_fusion` call; a new matching loss (``losses.register_loss``) brings its two
+eigenvalue proxies with it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,18 +39,49 @@ from .gradients import GradientOracle
 from .hessian import DEFAULT_SOLVER, EXTREMES, METHODS, EigenResult, HessianAtTruth, SolverConfig, solve
 from .losses import MatchingLoss, get_loss, list_losses
 
+ProxyKind = Literal["gradient", "eigenvalue", "fusion"]
+
 PAPER_FUSION: tuple[tuple[str, str], ...] = (("l2", "max"), ("cos", "min"))
 
 
 @dataclass(frozen=True)
-class ProxySpec:
-    """A named proxy: the gradient norm, one extreme eigenvalue of one loss, or a geometric fusion."""
+class ProxyDefinition:
+    """One row of the proxy table.
+
+    Attributes:
+        name: the proxy's column name (an identifier): ``grad_norm``, ``l2_max``, ``fusion``.
+        kind: how it is computed: ``gradient`` (from g* directly, by ``compute``), ``eigenvalue`` (an
+            extreme eigenvalue of one loss's Hessian at x*), ``fusion`` (geometric mean of eigenvalue
+            proxies, ``parts``).
+        label: a short label for axes and tables, e.g. ``λ_max of H_l2``.
+        meaning: one sentence saying what the number is.
+        paper_name: the paper's name for it (``max``, ``ang_min``, ...), or ``None``.
+        loss, extreme: the loss and extreme of an eigenvalue proxy.
+        parts: the (loss, extreme) pairs of a fusion.
+        compute: a gradient proxy's value from the flat client gradient g* (n,).
+    """
 
     name: str
-    description: str
-    loss: str | None = None  # matching-loss name for an eigenvalue proxy
-    extreme: str | None = None  # "max" | "min" for an eigenvalue proxy
-    parts: tuple[tuple[str, str], ...] = ()  # (loss, extreme) pairs of a fusion
+    kind: ProxyKind
+    label: str
+    meaning: str
+    paper_name: str | None = None
+    loss: str | None = None
+    extreme: str | None = None
+    parts: tuple[tuple[str, str], ...] = ()
+    compute: Callable[[torch.Tensor], float] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def title(self) -> str:
+        """The label with the paper's name where it has one: ``λ_max of H_l2 (paper: max)``."""
+        return f"{self.label} (paper: {self.paper_name})" if self.paper_name else self.label
+
+
+_GRADIENT_PROXIES: dict[str, ProxyDefinition] = {}
+_FUSIONS: dict[str, ProxyDefinition] = {}
+# the paper's names of the eigenvalue proxies: (loss, extreme) -> column name in its tables
+_PAPER_EIGEN_NAMES = {("l2", "max"): "max", ("l2", "min"): "min", ("cos", "max"): "ang_max",
+                      ("cos", "min"): "ang_min"}
 
 
 def proxy_key(loss: str, extreme: str) -> str:
@@ -51,27 +91,74 @@ def proxy_key(loss: str, extreme: str) -> str:
     return f"{loss.replace('-', '_')}_{extreme}"
 
 
-def list_proxies(losses: Sequence[str] | None = None) -> list[ProxySpec]:
-    """The proxies defined for ``losses`` (default: every registered matching loss), in display order."""
-    names = [loss.name for loss in list_losses()] if losses is None else list(losses)
-    specs = [ProxySpec("grad_norm", "norm of the client's weight gradient ‖g*‖ (baseline)")]
-    for name in names:
+def register_gradient_proxy(name: str, label: str, meaning: str, compute: Callable[[torch.Tensor], float],
+                            paper_name: str | None = None) -> ProxyDefinition:
+    """Register a proxy computed from the flat client gradient g* alone."""
+    definition = ProxyDefinition(name, "gradient", label, meaning, paper_name, compute=compute)
+    _GRADIENT_PROXIES[name] = definition
+    return definition
+
+
+def register_fusion(name: str, parts: Sequence[tuple[str, str]], label: str, meaning: str,
+                    paper_name: str | None = None) -> ProxyDefinition:
+    """Register a geometric fusion of (loss, extreme) eigenvalue proxies; it is computed whenever
+    all its losses are."""
+    parts = tuple((str(loss), str(extreme)) for loss, extreme in parts)
+    for loss, extreme in parts:
+        proxy_key(loss, extreme)
+    definition = ProxyDefinition(name, "fusion", label, meaning, paper_name, parts=parts)
+    _FUSIONS[name] = definition
+    return definition
+
+
+def _eigenvalue_definition(loss: MatchingLoss, extreme: str) -> ProxyDefinition:
+    symbol = "λ_max" if extreme == "max" else "λ_min"
+    return ProxyDefinition(proxy_key(loss.name, extreme), "eigenvalue", f"{symbol} of H_{loss.name}",
+                           f"the {'largest' if extreme == 'max' else 'smallest'} eigenvalue of the Hessian at "
+                           f"the true image of {loss.description}",
+                           _PAPER_EIGEN_NAMES.get((loss.name, extreme)), loss=loss.name, extreme=extreme)
+
+
+def proxy_table(losses: Sequence[str] | None = None) -> list[ProxyDefinition]:
+    """The proxies defined when ``losses`` are computed (default: every registered matching loss), in
+    display and report order: gradient proxies, each loss's max and min, then the fusions."""
+    chosen = [loss.name for loss in list_losses()] if losses is None else list(losses)
+    table = list(_GRADIENT_PROXIES.values())
+    for name in chosen:
         loss = get_loss(name)
-        for extreme in EXTREMES:
-            specs.append(ProxySpec(proxy_key(name, extreme),
-                                   f"λ_{extreme} of the Hessian at x* of {loss.description}", name, extreme))
-    if all(loss in names for loss, _ in PAPER_FUSION):
-        specs.append(ProxySpec("fusion", "sqrt(l2_max · cos_min), the paper's loss-agnostic LAVP",
-                               parts=PAPER_FUSION))
-    return specs
+        table.extend(_eigenvalue_definition(loss, extreme) for extreme in EXTREMES)
+    table.extend(f for f in _FUSIONS.values() if all(loss in chosen for loss, _ in f.parts))
+    return table
 
 
-def get_proxy(name: str) -> ProxySpec:
-    """The registered proxy called ``name`` (``ConfigError`` if there is none)."""
-    for spec in list_proxies():
-        if spec.name == name:
-            return spec
-    raise ConfigError(f"unknown proxy {name!r}: choose one of {', '.join(s.name for s in list_proxies())}")
+def proxy_definition(name: str) -> ProxyDefinition:
+    """The table's row called ``name`` (``ConfigError`` if there is none)."""
+    for definition in proxy_table():
+        if definition.name == name:
+            return definition
+    raise ConfigError(f"unknown proxy {name!r}: choose one of {', '.join(d.name for d in proxy_table())}")
+
+
+def proxy_title(name: str) -> str:
+    """The table's title of ``name``, or ``name`` itself for a proxy outside the table (a caller's fusion)."""
+    try:
+        return proxy_definition(name).title
+    except ConfigError:
+        return name
+
+
+def proxy_order(names: Sequence[str]) -> list[str]:
+    """``names`` in the table's order; names outside the table follow in their given order."""
+    order = {d.name: i for i, d in enumerate(proxy_table())}
+    return sorted(names, key=lambda n: (order.get(n, len(order)), list(names).index(n)))
+
+
+register_gradient_proxy("grad_norm", "‖g*‖, the gradient norm",
+                        "the norm of the client's weight gradient (the baseline proxy)",
+                        lambda g: float(g.norm()), paper_name="grad norm")
+register_fusion("fusion", PAPER_FUSION, "√(l2_max · cos_min)",
+                "the geometric mean of λ_max of the L2 Hessian and λ_min of the cosine Hessian, the paper's "
+                "loss-agnostic LAVP", paper_name="fusion")
 
 
 def geometric_fusion(values: Mapping[str, float], pairs: Sequence[tuple[str, str]]) -> float:
@@ -188,11 +275,10 @@ def _resolve_losses(losses: Sequence[str | MatchingLoss]) -> list[MatchingLoss]:
 
 def _resolve_fusions(names: tuple[str, ...], extra: Mapping[str, Sequence[tuple[str, str]]]
                      ) -> dict[str, tuple[tuple[str, str], ...]]:
-    """The paper's ``fusion`` when l2 and cos are both computed, plus the caller's named fusions."""
-    parts: dict[str, tuple[tuple[str, str], ...]] = {}
-    if all(loss in names for loss, _ in PAPER_FUSION):
-        parts["fusion"] = PAPER_FUSION
-    taken = {"grad_norm", *parts, *(proxy_key(n, e) for n in names for e in EXTREMES)}
+    """The table's fusions whose losses are all computed, plus the caller's named fusions."""
+    table = proxy_table(names)
+    parts = {d.name: d.parts for d in table if d.kind == "fusion"}
+    taken = {d.name for d in table}
     for name, pairs in extra.items():
         if name in taken:
             raise ConfigError(f"fusion name {name!r} is already a proxy name; choose another")
@@ -267,13 +353,16 @@ def compute_proxies(model: nn.Module, image: torch.Tensor, label: int, *,
                                                                  config.jacobian_products)
     spectra = solve(op, chosen, resolved, config, fd_op=fd_op)
 
-    values: dict[str, float] = {"grad_norm": float(model_oracle.gradient(image, label).norm())}
+    values: dict[str, float] = {}
     diagnostics: dict[str, EigenResult] = {}
-    for loss in chosen:
-        for extreme in EXTREMES:
-            result = getattr(spectra[loss.name], extreme)
-            values[proxy_key(loss.name, extreme)] = float(result.value)
-            diagnostics[proxy_key(loss.name, extreme)] = result
+    gradient = model_oracle.gradient(image, label)
+    for definition in proxy_table([loss.name for loss in chosen]):
+        if definition.kind == "gradient":
+            values[definition.name] = float(definition.compute(gradient))
+        elif definition.kind == "eigenvalue":
+            result = getattr(spectra[definition.loss], definition.extreme)
+            values[definition.name] = float(result.value)
+            diagnostics[definition.name] = result
     for name, pairs in fusion_parts.items():
         values[name] = geometric_fusion(values, pairs)
     eigenvalues = {name: s.eigenvalues for name, s in spectra.items() if s.eigenvalues is not None}

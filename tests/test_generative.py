@@ -130,7 +130,7 @@ def test_preset_and_cli_mapping():
     assert preset.kind == "generative" and preset.config.loss == "cos"
     config = gifd_config_from(steps=400, restarts=3)
     assert (config.steps, config.restarts, config.total_steps) == (100, 3, 400)
-    assert gifd_config_from().steps * 4 == preset.config.steps
+    assert gifd_config_from().steps * 4 == preset.defaults().steps == preset.config.total_steps
     with pytest.raises(ConfigError):
         GifdConfig(radii=(0.3, 0.2, 0.1)).validated()
     with pytest.raises(ConfigError):

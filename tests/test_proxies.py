@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from conftest import assert_model_unchanged, snapshot_model
 
-import lavp_core
+from lavp_core import proxies
 from lavp_core.cli import main
 from lavp_core.errors import ConfigError, ModelError, ProxyError
 from lavp_core.gradients import GradientOracle
@@ -23,9 +23,11 @@ from lavp_core.proxies import (
     ProxyResult,
     compute_proxies,
     geometric_fusion,
-    get_proxy,
-    list_proxies,
+    proxy_definition,
     proxy_key,
+    proxy_order,
+    proxy_table,
+    proxy_title,
     resolve_method,
 )
 
@@ -165,23 +167,41 @@ def test_geometric_fusion_rules():
         geometric_fusion(values, [])
 
 
-def test_the_proxy_registry_covers_every_loss():
-    names = [spec.name for spec in list_proxies()]
-    assert names[0] == "grad_norm" and "fusion" in names
+def test_the_proxy_table_covers_every_loss_in_order():
+    names = [d.name for d in proxy_table()]
+    assert names[0] == "grad_norm" and names[-1] == "fusion"
     for loss in list_losses():
         for extreme in ("max", "min"):
             key = proxy_key(loss.name, extreme)
             assert key in names and key.isidentifier()
-            assert get_proxy(key).loss == loss.name and get_proxy(key).extreme == extreme
+            definition = proxy_definition(key)
+            assert (definition.kind, definition.loss, definition.extreme) == ("eigenvalue", loss.name, extreme)
     assert proxy_key("cos-layer", "min") == "cos_layer_min"
-    assert get_proxy("fusion").parts == (("l2", "max"), ("cos", "min"))
-    assert [s.name for s in list_proxies(["l2"])] == ["grad_norm", "l2_max", "l2_min"]
+    assert proxy_definition("fusion").parts == (("l2", "max"), ("cos", "min"))
+    assert [d.paper_name for d in proxy_table(["l2", "cos"])][1:5] == ["max", "min", "ang_max", "ang_min"]
+    assert [d.name for d in proxy_table(["l2"])] == ["grad_norm", "l2_max", "l2_min"]  # no fusion without cos
+    assert proxy_order(["fusion", "mine", "cos_min", "grad_norm", "l2_max"]) == [
+        "grad_norm", "l2_max", "cos_min", "fusion", "mine"]
+    assert proxy_title("l2_max") == "λ_max of H_l2 (paper: max)" and proxy_title("mine") == "mine"
     with pytest.raises(ConfigError, match="unknown proxy"):
-        get_proxy("l3_max")
+        proxy_definition("l3_max")
 
 
-def test_compute_proxies_is_exported():
-    assert lavp_core.compute_proxies is compute_proxies
+def test_a_registered_proxy_is_computed_by_compute_proxies(monkeypatch):
+    """The seam: one registration adds a gradient proxy and a fusion to compute_proxies' output."""
+    monkeypatch.setattr(proxies, "_GRADIENT_PROXIES", dict(proxies._GRADIENT_PROXIES))
+    monkeypatch.setattr(proxies, "_FUSIONS", dict(proxies._FUSIONS))
+    proxies.register_gradient_proxy("grad_abs_max", "max |g*|", "the largest gradient entry",
+                                    lambda g: float(g.abs().max()))
+    proxies.register_fusion("l2_spread", [("l2", "max"), ("l2", "min")], "√(l2_max · l2_min)", "a test fusion")
+    model = tiny_mlp()
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(3))
+    result = compute_proxies(model, x, 1, losses=("l2",), method="exact")
+    gradient = GradientOracle(model).gradient(x, 1)
+    assert list(result) == ["grad_norm", "grad_abs_max", "l2_max", "l2_min", "l2_spread"]
+    assert result["grad_abs_max"] == pytest.approx(float(gradient.abs().max()), rel=1e-12)
+    assert result["l2_spread"] == pytest.approx(math.sqrt(result["l2_max"] * result["l2_min"]), rel=1e-12)
+    assert result.fusions["l2_spread"] == (("l2", "max"), ("l2", "min"))
 
 
 class _ThreeD(nn.Module):
