@@ -3,7 +3,7 @@
 Each loss takes the candidate's flattened gradient ``g`` (n,), the client's ``g_star`` (n,) and the
 :class:`~lavp_core.gradients.ParamLayout` ``layout`` (per-layer slices, used by per-layer losses)
 and returns a scalar. Adding a loss is registering one function; proxies, studies and the app pick
-it up by name. Conventions (``shared/notes/attacks-reference.md``):
+it up by name. Conventions, as in the original attacks (DLG's L2, Inverting Gradients' cosine):
 
 * ``l2``: 1/2 * ||g - g*||^2 over all layers concatenated (Hessian at x* is exactly J^T J);
 * ``cos``: 1 - <g, g*> / (||g|| ||g*||) over all layers concatenated;

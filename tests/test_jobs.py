@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from lavp_core.attacks import AttackSnapshot
 from lavp_core.errors import ConfigError
 from lavp_core.jobs import (
     CANCELLED,
@@ -64,17 +65,40 @@ def test_stop_cancels_between_steps_and_the_partial_result_is_the_outcome(make_r
     assert view.outcome.reconstruction is not None
 
 
-def test_views_are_consistent_copies(make_run):
-    job = BackgroundAttack(make_run(40, every=1)).start()
-    views = []
-    while not job.finished:
-        views.append(job.view())
-        time.sleep(0.002)
-    job.wait(60)
-    for view in views:
-        if view.snapshot is not None:  # the latest snapshot is always the last history entry
-            assert view.history[-1][0] == view.snapshot.step
-    assert len(job.view().history) == 40
+class _GatedRun:
+    """Yields one snapshot each time the test opens the gate, so every view is taken at a known step."""
+
+    def __init__(self, steps: int):
+        self.total_steps, self.outcome = steps, None
+        self.gate = threading.Semaphore(0)
+
+    def cancel(self):
+        pass
+
+    def __iter__(self):
+        for step in range(1, self.total_steps + 1):
+            assert self.gate.acquire(timeout=30)
+            yield AttackSnapshot(step, self.total_steps, 1.0 / step, (1.0 / step,), torch.zeros(3, 2, 2), None)
+
+
+def test_views_are_consistent_copies():
+    run = _GatedRun(5)
+    job = BackgroundAttack(run).start()
+    assert job.view().snapshot is None and job.view().history == ()
+    earlier = []
+    for step in range(1, 6):
+        run.gate.release()
+        deadline = time.monotonic() + 30
+        while (job.view().snapshot is None or job.view().snapshot.step < step) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        view = job.view()
+        assert view.snapshot.step == step and view.history[-1] == (step, 1.0 / step)
+        assert [s for s, _ in view.history] == list(range(1, step + 1))
+        earlier.append(view)
+    assert job.wait(30)
+    # a view is a copy: later steps did not change what an earlier view holds
+    assert [len(v.history) for v in earlier] == [1, 2, 3, 4, 5]
+    assert earlier[0].snapshot.step == 1
 
 
 def test_a_failing_run_ends_in_a_readable_state():
