@@ -232,7 +232,7 @@ class ProxyResult(Mapping):
         return [key for key in self.proxy_values if not self.converged(key)]
 
     def to_dict(self, include_spectra: bool = False) -> dict:
-        """A JSON-serialisable dict (non-finite floats stay floats; ``cli.print_json`` nulls them)."""
+        """A JSON-serialisable dict (non-finite floats stay floats; ``commands.base.print_json`` nulls them)."""
         out = {
             "values": dict(self.proxy_values),
             "converged": {key: self.converged(key) for key in self.proxy_values},

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import add_scenario_args, command, default_device, print_json, scenario_from_args
 from ..errors import ConfigError
+from .base import add_scenario_args, command, default_device, print_json, scenario_from_args
 
 
 def _configure_list(p: argparse.ArgumentParser) -> None:
@@ -18,14 +18,14 @@ def list_registries(args) -> int:
     from ..data import list_datasets
     from ..losses import list_losses
     from ..models import list_models
-    from ..runner import load_all_presets
+    from ..presets import list_presets
 
     tables = {
         "datasets": [(d.name, d.description) for d in list_datasets()],
         "architectures": [(m.name, f"{m.description} [{m.input_size}x{m.input_size}]")
                           for m in list_models()],
         "losses": [(loss.name, loss.description) for loss in list_losses()],
-        "presets": [(p.name, f"{p.description} [{p.kind}]") for p in load_all_presets()],
+        "presets": [(p.name, f"{p.description} [{p.kind}]") for p in list_presets()],
     }
     if args.json:
         print_json({k: [{"name": n, "description": d} for n, d in rows] for k, rows in tables.items()})

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from ..cli import command, default_device, print_json
+from .base import command, default_device, print_json
 
 
 def _configure_train_generator(p: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..cli import add_scenario_args, command, default_device, print_json, scenario_from_args
 from ..errors import ConfigError
+from .base import add_scenario_args, command, default_device, print_json, scenario_from_args
 
 
 def _configure(p: argparse.ArgumentParser) -> None:

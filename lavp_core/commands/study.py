@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from ..cli import command, default_device
+from .base import command, default_device
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
@@ -121,7 +121,7 @@ def study_command(args) -> int:
     summary = run_study(plan, args.db, workers=args.workers, threads=args.threads, device=args.device,
                         progress=not args.no_progress)
     if args.json:
-        from ..cli import print_json
+        from .base import print_json
 
         print_json(summary.to_dict())
     else:
