@@ -23,6 +23,7 @@ import torch
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 SSIM_WINDOW = 11  # side of the Gaussian window (sigma 1.5, truncated at 3.5 sigma)
+RECOVERED_SSIM = 0.5  # an attack "recovered" the image when its SSIM reaches this (README: studies)
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,45 @@ def lpips_distance(x: torch.Tensor, ref: torch.Tensor) -> float | None:
         return float(model(a, b).reshape(-1)[0])
 
 
+def relative_mse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """MSE divided by the mean over channels of ``ref``'s pixel variance: 1 means "no better than a flat
+    image of ``ref``'s mean colour", 0 a perfect copy. ``inf`` (or NaN for a perfect copy) when ``ref``
+    is flat. Images (C, H, W) or (1, C, H, W) in [0, 1]."""
+    r = ref.detach().double().reshape(-1, *ref.shape[-2:])  # (C, H, W)
+    variance = float(r.flatten(1).var(dim=1, unbiased=False).mean())
+    err = mse(x, ref)
+    if variance == 0.0:
+        return math.nan if err == 0.0 else math.inf
+    return err / variance
+
+
+def pixel_correlation(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Pearson correlation of all pixel values of two images (every channel together); NaN when either
+    image is flat. Unlike MSE it ignores a global change of brightness or contrast."""
+    a = x.detach().double().flatten()
+    b = ref.detach().double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    norm = float(a.norm() * b.norm())
+    return math.nan if norm == 0.0 else float((a @ b) / norm)
+
+
+def is_recovered(ssim_value: float) -> bool:
+    """The project's criterion for "the attack recovered the image": SSIM >= :data:`RECOVERED_SSIM`
+    (see the README's section on studies for example images at and around the threshold)."""
+    return bool(ssim_value >= RECOVERED_SSIM)
+
+
 def image_metrics(x01: torch.Tensor, ref01: torch.Tensor) -> dict:
-    """All scores for images in [0, 1]: ``mse``, ``psnr``, ``ssim``, ``lpips`` (float or None) and
-    ``lpips_reason`` (why LPIPS is missing, or an empty string)."""
+    """All scores for images in [0, 1]: ``mse``, ``psnr``, ``ssim``, ``rel_mse`` (:func:`relative_mse`),
+    ``correlation`` (:func:`pixel_correlation`), ``recovered`` (:func:`is_recovered`), ``lpips`` (float
+    or None) and ``lpips_reason`` (why LPIPS is missing, or an empty string)."""
     if x01.shape != ref01.shape:
         raise ValueError(f"images differ in shape: {tuple(x01.shape)} vs {tuple(ref01.shape)}")
     value = lpips_distance(x01, ref01)
-    return {"mse": mse(x01, ref01), "psnr": psnr(x01, ref01), "ssim": ssim(x01, ref01), "lpips": value,
+    structural = ssim(x01, ref01)
+    return {"mse": mse(x01, ref01), "psnr": psnr(x01, ref01), "ssim": structural,
+            "rel_mse": relative_mse(x01, ref01), "correlation": pixel_correlation(x01, ref01),
+            "recovered": is_recovered(structural), "lpips": value,
             "lpips_reason": "" if value is not None else lpips_status().reason}
 
 
@@ -130,7 +163,8 @@ def score_reconstruction(reconstruction: torch.Tensor | None, truth: torch.Tenso
     """Scores of a normalised reconstruction (1, C, H, W) against the normalised truth; de-normalises and
     clamps both to [0, 1] first. A missing reconstruction (every restart diverged) scores NaN."""
     if reconstruction is None:
-        return {"mse": math.nan, "psnr": math.nan, "ssim": math.nan, "lpips": None,
+        return {"mse": math.nan, "psnr": math.nan, "ssim": math.nan, "rel_mse": math.nan,
+                "correlation": math.nan, "recovered": False, "lpips": None,
                 "lpips_reason": "no reconstruction (every restart diverged)"}
     return image_metrics(info.denormalize(reconstruction.detach().float().cpu()),
                          info.denormalize(truth.detach().float().cpu()))

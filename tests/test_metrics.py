@@ -75,3 +75,32 @@ def test_score_reconstruction_denormalises_and_handles_missing(photos_val):
     assert score_reconstruction(x, x, photos_val.info)["psnr"] == math.inf
     missing = score_reconstruction(None, x, photos_val.info)
     assert np.isnan(missing["mse"]) and "diverged" in missing["lpips_reason"]
+
+
+def test_relative_mse_and_correlation_on_synthetic_reconstructions():
+    """The truth itself, its mean colour, noise, and a brightness-shifted copy: each where it must be."""
+    gen = torch.Generator().manual_seed(4)
+    truth = (0.25 + 0.5 * torch.rand((3, 32, 32), generator=gen))
+    mean_colour = truth.mean(dim=(1, 2), keepdim=True).expand_as(truth)
+    noise = torch.rand((3, 32, 32), generator=gen)
+    shifted = (truth + 0.2).clamp(0, 1)
+    exact = image_metrics(truth, truth)
+    assert exact["rel_mse"] == 0.0 and exact["correlation"] == pytest.approx(1.0) and exact["recovered"]
+    flat = image_metrics(mean_colour, truth)
+    assert flat["rel_mse"] == pytest.approx(1.0, rel=1e-9)  # "no better than the mean colour", by definition
+    assert abs(flat["correlation"]) < 0.1 and not flat["recovered"]  # only the channel means correlate
+    assert math.isnan(metrics.pixel_correlation(torch.full((3, 32, 32), 0.3), truth))  # a flat image
+    noisy = image_metrics(noise, truth)
+    # independent uniform noise: E[(u - t)^2] = var(u) + (mean(u) - t)^2 over a truth of variance 1/48
+    assert noisy["rel_mse"] > 3.0 and abs(noisy["correlation"]) < 0.1 and not noisy["recovered"]
+    copy = image_metrics(shifted, truth)
+    assert copy["correlation"] > 0.99 and copy["rel_mse"] > 1.0  # MSE punishes the shift, correlation does not
+    reference = np.corrcoef(shifted.flatten().numpy(), truth.flatten().numpy())[0, 1]
+    assert copy["correlation"] == pytest.approx(reference, rel=1e-9)
+    variance = truth.double().flatten(1).var(dim=1, unbiased=False).mean()
+    assert copy["rel_mse"] == pytest.approx(float(((shifted.double() - truth.double()) ** 2).mean() / variance))
+
+
+def test_recovered_is_the_documented_ssim_threshold():
+    assert metrics.is_recovered(metrics.RECOVERED_SSIM) and not metrics.is_recovered(metrics.RECOVERED_SSIM - 1e-9)
+    assert not metrics.is_recovered(math.nan)
