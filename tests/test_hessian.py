@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from lavp_core.hessian import (
     _mirror_upper,
     _store_upper,
     closed_form_tops,
+    draw_generator,
     exact_spectra,
     lanczos_extreme,
     lanczos_top,
@@ -372,3 +375,95 @@ def test_dense_matrix_pages_become_resident_only_where_written():
     assert grown < 0.7 * 8 * d * d / 2 ** 20
     _mirror_upper(h)
     assert bool((h == 1.0).all())
+
+
+def test_draw_generators_are_keyed_by_seed_and_purpose():
+    def draw(seed, *purpose):
+        return torch.randn(4, generator=draw_generator(seed, *purpose), dtype=torch.float64)
+
+    assert torch.equal(draw(0, "paper", "cos", "min"), draw(0, "paper", "cos", "min"))
+    others = [draw(1, "paper", "cos", "min"), draw(0, "paper", "cos", "max"), draw(0, "paper", "l2", "min"),
+              draw(0, "paper", "cosmin"), draw(0, "paper", "cos min")]
+    assert all(not torch.equal(draw(0, "paper", "cos", "min"), other) for other in others)
+
+
+def _as_tuple(result):
+    return (result.value, result.residual, result.iterations, result.converged, result.note)
+
+
+def test_paper_values_do_not_depend_on_the_other_losses_requested():
+    """Each start vector has its own generator: cos's values are bit-identical alone or after l2
+    (with one generator shared across losses, cos_min with 5 iterations moved by half)."""
+    model = tiny_mlp()
+    x = image((2, 3, 3)).float()
+    op = HessianAtTruth(GradientOracle(model, dtype=torch.float64), x, 1)
+    fd_op = HessianAtTruth(GradientOracle(model), x, 1)
+    config = SolverConfig(paper_iterations=5)
+    alone = solve(op, [get_loss("cos")], "paper", config, fd_op=fd_op)["cos"]
+    after_l2 = solve(op, [get_loss("l2"), get_loss("cos")], "paper", config, fd_op=fd_op)["cos"]
+    assert not alone.min.converged  # a budget-limited value: it depends on its start vector
+    for which in ("max", "min"):
+        assert _as_tuple(getattr(alone, which)) == _as_tuple(getattr(after_l2, which))
+    other_seed = solve(op, [get_loss("cos")], "paper", SolverConfig(paper_iterations=5, seed=1), fd_op=fd_op)
+    assert other_seed["cos"].min.value != alone.min.value
+
+
+def test_lanczos_values_do_not_depend_on_the_other_losses_requested(mlp_op):
+    """λ_min of every loss, and λ_max of a loss without a closed form, are bit-identical whichever
+    other losses are solved alongside; λ_max of the closed forms shares one subspace, so it only
+    agrees to the tolerance."""
+    config = SolverConfig(lanczos_min_products=6, lanczos_ncv_min=4)
+    names = ("cos", "cos-layer")
+    alone = {name: solve(mlp_op, [get_loss(name)], "lanczos", config)[name] for name in names}
+    together = solve(mlp_op, [get_loss(name) for name in ("l2", *names)], "lanczos", config)
+    for name in names:
+        assert not alone[name].min.converged  # budget-limited: it depends on its start vector
+        assert _as_tuple(alone[name].min) == _as_tuple(together[name].min)
+    assert _as_tuple(alone["cos-layer"].max) == _as_tuple(together["cos-layer"].max)
+    assert math.isclose(alone["cos"].max.value, together["cos"].max.value, rel_tol=config.tol)
+
+
+def test_solvers_leave_torch_global_generator_alone(mlp_op, monkeypatch):
+    def refuse(seed):
+        raise AssertionError("torch.manual_seed was called")
+
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    state = torch.get_rng_state()
+    config = SolverConfig(paper_iterations=3, lanczos_min_products=6, lanczos_ncv_min=4)
+    for method in ("exact", "lanczos", "paper"):
+        solve(mlp_op, [get_loss("l2"), get_loss("cos-layer")], method, config)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_import_leaves_warning_filters_alone_and_forward_mode_is_quiet():
+    """Importing the package changes no warning filter; torch's two forward-mode notices are silenced
+    only around the package's own forward-mode calls. In a fresh process: the first torch.func.jvp
+    of a process is the one that warns."""
+    script = textwrap.dedent("""
+        import warnings
+        import numpy, scipy.linalg, scipy.sparse.linalg, torch, torch.nn as nn
+        import lavp_core.errors, lavp_core.gradients, lavp_core.losses
+        before = list(warnings.filters)
+        import lavp_core.hessian
+        from lavp_core.hessian import HessianAtTruth, exact, krylov, paper, solver
+        assert warnings.filters == before, "importing lavp_core.hessian changed warnings.filters"
+        from lavp_core.gradients import GradientOracle
+        from lavp_core.losses import get_loss
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        x = torch.linspace(-1, 1, 4, dtype=torch.float64).view(1, 1, 2, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op = HessianAtTruth(GradientOracle(model, dtype=torch.float64), x, 1, "forward")
+            op.jvp(x[0])
+            op.linearise()
+            op.autodiff_hvp(get_loss("cos-layer"), x[0])
+            notices = [str(w.message) for w in caught if "jit.script" in str(w.message) or "get_attr" in str(w.message)]
+            assert not notices, notices
+            # outside the package's calls the same notice is not filtered
+            warnings.warn("`torch.jit.script` is deprecated (outside the package)", FutureWarning)
+            assert "outside the package" in str(caught[-1].message)
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -1,55 +1,70 @@
-"""Hessians of gradient-matching losses at the ground truth x*, and their extreme eigenvalues.
+"""Hessians of gradient-matching losses with respect to the input at the ground truth x*, and their
+extreme eigenvalues (the paper's LAVP).
 
-The code lives in :mod:`lavp_core.hessian.krylov` for now; every name stays importable from here.
+One concept per module; each uses only the ones above it in this list:
+
+* :mod:`~lavp_core.hessian.config`: the vocabulary (``SolverMethod``, ``Extreme``, ``JacobianProducts``,
+  ...), :class:`SolverConfig`, and the results :class:`EigenResult`, :class:`LossSpectrum`, :class:`PowerStep`.
+* :mod:`~lavp_core.hessian.draws`: :func:`draw_generator`, one generator per random draw.
+* :mod:`~lavp_core.hessian.memory`: the dense d × d matrix's memory (no huge pages, one triangle at a
+  time, ``malloc_trim``).
+* :mod:`~lavp_core.hessian.operators`: :class:`HessianAtTruth`, the Jacobian and Hessian-vector products at
+  x* and the dense Hessian; the forward-mode lock and its scoped warning filters.
+* :mod:`~lavp_core.hessian.residuals`: :func:`residual_of`, the certificate every eigenvalue carries.
+* :mod:`~lavp_core.hessian.exact`, :mod:`~lavp_core.hessian.krylov`, :mod:`~lavp_core.hessian.paper`: the
+  three eigen-solvers ``exact`` (the whole spectrum of the dense Hessian), ``lanczos`` (matrix-free) and
+  ``paper`` (the paper's recipe: finite differences and power iteration).
+* :mod:`~lavp_core.hessian.solver`: :func:`solve`, the entry point.
+
+Every residual is ‖Hv − λv‖ / |λ| with H applied by exact autodiff, whatever produced λ and v; a value
+counts as converged only when that residual is at most ``SolverConfig.tol``.
+
+Every name importable from the former single module ``lavp_core/hessian.py`` is importable from here.
 """
 
-# A re-export hub: the private names are imported by the tests and benchmarks, not listed in __all__.
+# A re-export hub: the private names are imported by the tests, not listed in __all__.
 # ruff: noqa: F401
 
-from .krylov import (
+from .config import (
+    CLOSED_FORMS,
     DEFAULT_SOLVER,
     EXTREMES,
-    FORWARD_AD_LOCK,
     JACOBIAN_PRODUCTS,
     METHODS,
+    PRECISIONS,
+    ClosedForm,
     EigenResult,
-    HessianAtTruth,
+    Extreme,
+    JacobianProducts,
     LossSpectrum,
     PowerStep,
+    Precision,
     SolverConfig,
-    TopRitz,
-    _block_rows,
-    _BudgetSpent,
-    _certified,
-    _check_finite,
+    SolverMethod,
     _check_jacobian_products,
-    _decompose,
-    _dense_matrix,
-    _mirror_upper,
-    _not_differentiable,
+)
+from .draws import draw_generator
+from .exact import _decompose, _restore_upper, exact_spectra, symmetric_spectrum
+from .krylov import (
+    TopRitz,
+    _BudgetSpent,
     _RecordingOperator,
-    _relative_gap,
-    _restore_upper,
-    _result,
-    _store_upper,
-    _to_input,
     closed_form_tops,
-    exact_spectra,
     lanczos_extreme,
     lanczos_top,
     lanczos_tops,
-    paper_extremes,
-    power_iteration,
-    release_freed_memory,
-    residual_of,
-    solve,
-    symmetric_spectrum,
     top_start_vector,
 )
+from .memory import _block_rows, _check_finite, _dense_matrix, _mirror_upper, _store_upper, release_freed_memory
+from .operators import FORWARD_AD_LOCK, HessianAtTruth, _not_differentiable, _relative_gap, forward_mode
+from .paper import paper_extremes, power_iteration
+from .residuals import _certified, _result, _to_input, residual_of
+from .solver import solve
 
 __all__ = [
-    "DEFAULT_SOLVER", "EXTREMES", "FORWARD_AD_LOCK", "JACOBIAN_PRODUCTS", "METHODS", "EigenResult",
-    "HessianAtTruth", "LossSpectrum", "PowerStep", "SolverConfig", "TopRitz", "closed_form_tops", "exact_spectra",
-    "lanczos_extreme", "lanczos_top", "lanczos_tops", "paper_extremes", "power_iteration", "release_freed_memory",
-    "residual_of", "solve", "symmetric_spectrum", "top_start_vector",
+    "CLOSED_FORMS", "DEFAULT_SOLVER", "EXTREMES", "FORWARD_AD_LOCK", "JACOBIAN_PRODUCTS", "METHODS", "PRECISIONS",
+    "ClosedForm", "EigenResult", "Extreme", "HessianAtTruth", "JacobianProducts", "LossSpectrum", "PowerStep",
+    "Precision", "SolverConfig", "SolverMethod", "TopRitz", "closed_form_tops", "draw_generator", "exact_spectra",
+    "forward_mode", "lanczos_extreme", "lanczos_top", "lanczos_tops", "paper_extremes", "power_iteration",
+    "release_freed_memory", "residual_of", "solve", "symmetric_spectrum", "top_start_vector",
 ]
