@@ -399,18 +399,19 @@ class OptimisationAttack(AttackKind):
     name = "optimisation"
     summary = "gradient matching by optimisation from random starts (this module's engine)"
     studied = True
-    settings = ("loss", "steps", "restarts", "lr", "tv_weight", "label")
+    settings = ("loss", "steps", "restarts", "lr", "tv_weight", "label", "schedule")
 
     def defaults(self, preset: AttackPreset) -> AttackRequest:
         c = preset.config
         return AttackRequest(preset.name, loss=c.loss, steps=c.steps, restarts=c.restarts, lr=c.lr,
-                             tv_weight=c.tv_weight, label=c.label)
+                             tv_weight=c.tv_weight, label=c.label, schedule=c.schedule)
 
     def start(self, preset, model, image, label, info, request, *, generator, device, snapshot_every):
         oracle = GradientOracle(model, device=device)
         update = client_update(oracle, image, label)
         config = preset_config(preset.name, loss=request.loss, steps=request.steps, restarts=request.restarts,
-                               lr=request.lr, tv_weight=request.tv_weight, label=request.label)
+                               lr=request.lr, tv_weight=request.tv_weight, label=request.label,
+                               schedule=request.schedule)
         return StreamedRun(preset, AttackRun(oracle, update, config, info, generator=generator, device=device,
                                              snapshot_every=snapshot_every))
 

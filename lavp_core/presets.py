@@ -53,6 +53,7 @@ class AttackRequest:
     lr: float | None = None
     tv_weight: float | None = None
     label: str | None = None
+    schedule: str | None = None
 
     def validated(self) -> AttackRequest:
         get_preset(self.preset)

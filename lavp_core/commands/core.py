@@ -46,6 +46,9 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restarts", type=int, default=None, help="random restarts, overriding the preset's")
     p.add_argument("--lr", type=float, default=None, help="learning rate, overriding the preset's")
     p.add_argument("--tv", type=float, default=None, help="TV prior weight, overriding the preset's")
+    p.add_argument("--schedule", choices=("none", "step"), default=None,
+                   help="learning-rate schedule: none (constant) or step (x0.1 at 3/8, 5/8, 7/8 of the steps); "
+                        "default: the preset's")
     p.add_argument("--label-mode", choices=("known", "inferred"), default=None,
                    help="whether the attacker knows the label (default: the preset's)")
     p.add_argument("--out", default=None, help="save the reconstruction as a PNG here")
@@ -59,7 +62,8 @@ def attack(args) -> int:
     from ..runner import AttackRequest, run_preset
 
     request = AttackRequest(preset=args.preset, loss=args.loss, steps=args.steps, restarts=args.restarts,
-                            lr=args.lr, tv_weight=args.tv, label=args.label_mode).validated()
+                            lr=args.lr, tv_weight=args.tv, label=args.label_mode,
+                            schedule=args.schedule).validated()
     scenario = scenario_from_args(args)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
