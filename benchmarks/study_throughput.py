@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lavp_core.hessian import SolverConfig  # noqa: E402
-from lavp_core.study import StudyConfig, available_cores, default_workers, plan_study, run_study  # noqa: E402
+from lavp_core.study import StudyConfig, default_workers, plan_study, run_study  # noqa: E402
+from lavp_core.system import available_cores  # noqa: E402
 
 
 def measure(config: StudyConfig, workers: int, threads: int) -> dict:

@@ -48,7 +48,6 @@ APP_NAME = "lavp-explorer"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 SQLITE_HEADER = b"SQLite format 3\x00"
-FLAVOURS = ("exact", "paper")
 JOB_STATUSES = ("done", "error")
 
 _SCHEMA = """

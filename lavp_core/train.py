@@ -8,7 +8,6 @@ the epochs), random-crop (pad 4) and horizontal-flip augmentation drawn from an 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from .data import ImageSet, load_dataset
 from .errors import ConfigError
+from .hashing import sha256_file as sha256_of  # the one file hash; train_generator imports it from here
 from .models import create_model
 
 
@@ -54,14 +54,6 @@ class EpochReport:
     train_accuracy: float
     val_accuracy: float
     seconds: float
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,284 @@
+"""The paper's evaluation of the proxies on stored results (its "Evaluation Metric" section): Spearman's
+σ_S between each proxy and each similarity score over the images of one (dataset, attack loss,
+architecture), then the mean of σ_S over architectures (:func:`spearman_table`); the exact-vs-recipe
+agreement (:func:`recipe_agreement`); plain statements of what the σ_S table says (:func:`findings`);
+the rankings behind Figure 1b/1c with Kendall's τ (:func:`rankings`) and the images whose rankings
+under the two attack losses disagree most (:func:`pick_disagreeing_images`).
+
+Everything here takes a DataFrame as from :func:`~lavp_core.study.results.load_results` (or one made
+by hand with the same columns) and returns plain data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+from .plan import FLAVOURS, Flavour
+from .results import check_one_configuration, proxy_column, proxy_names
+
+SCORES = ("mse", "ssim", "psnr", "lpips")  # the paper's cell order: MSE / SSIM / PSNR / LPIPS
+MEAN_ARCH = "mean"  # the ``arch`` of the rows of spearman_table averaged over architectures
+LOSS_LABELS = {"l2": "L2", "cos": "CS", "cos-layer": "CS-layer"}
+
+
+def _rank_correlation(name: str, x: Iterable[float], y: Iterable[float], minimum: int) -> tuple[float, float, int]:
+    """``scipy.stats.<name>`` over the pairs where neither value is NaN: (statistic, p-value, pairs);
+    NaN when fewer than ``minimum`` pairs or either side is constant."""
+    from scipy import stats
+
+    a = np.asarray(list(x), dtype=float)
+    b = np.asarray(list(y), dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    n = int(a.size)
+    if n < minimum or np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan, math.nan, n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = getattr(stats, name)(a, b)
+    return float(result.statistic), float(result.pvalue), n
+
+
+def spearman(x: Iterable[float], y: Iterable[float]) -> tuple[float, float, int]:
+    """Spearman's σ_S and its p-value (``scipy.stats.spearmanr``) over the pairs where neither value is
+    NaN, and the number of pairs; NaN when fewer than 3 pairs or either side is constant."""
+    return _rank_correlation("spearmanr", x, y, 3)
+
+
+def kendall(x: Iterable[float], y: Iterable[float]) -> tuple[float, float, int]:
+    """Kendall's τ and p-value (``scipy.stats.kendalltau``) over the pairs without NaN, and their count
+    (NaN when fewer than 2 pairs or either side is constant)."""
+    return _rank_correlation("kendalltau", x, y, 2)
+
+
+def spearman_table(df: pd.DataFrame, proxy_flavour: Flavour = "exact", *, scores: Sequence[str] = SCORES,
+                   proxies: Sequence[str] | None = None) -> pd.DataFrame:
+    """σ_S between each proxy and each score, per (dataset, attack loss, architecture), and averaged.
+
+    Args:
+        df: jobs as from :func:`load_results` (columns ``dataset``, ``loss``, ``arch``, the scores and
+            ``{flavour}_{proxy}``).
+        proxy_flavour: ``exact`` or ``paper``.
+        scores: score columns (``mse``, ``ssim``, ``psnr``, ``lpips``).
+        proxies: proxy names (default: every proxy of the flavour in ``df``).
+
+    Returns:
+        Long DataFrame with columns ``flavour, dataset, loss, arch, proxy, score, rho, p, n``. Rows with
+        ``arch == "mean"`` hold the paper's final metric: the mean over architectures of the per-arch
+        σ_S (architectures whose σ_S is undefined are left out; ``n`` then counts the architectures
+        averaged and ``p`` is NaN).
+    """
+    columns = ["flavour", "dataset", "loss", "arch", "proxy", "score", "rho", "p", "n"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    check_one_configuration(df)
+    names = list(proxies) if proxies is not None else proxy_names(df, proxy_flavour)
+    missing = [p for p in names if proxy_column(p, proxy_flavour) not in df]
+    if missing:
+        raise ConfigError(f"no {proxy_flavour} values of proxies {missing} in these results")
+    out = []
+    for (dataset, loss), group in df.groupby(["dataset", "loss"], sort=True):
+        for proxy in names:
+            for score in scores:
+                per_arch = []
+                for arch, sub in group.groupby("arch", sort=True):
+                    values = sub[score] if score in sub else pd.Series(np.nan, index=sub.index)
+                    rho, p, n = spearman(sub[proxy_column(proxy, proxy_flavour)], values)
+                    out.append((proxy_flavour, dataset, loss, arch, proxy, score, rho, p, n))
+                    per_arch.append(rho)
+                finite = [r for r in per_arch if not math.isnan(r)]
+                mean = float(np.mean(finite)) if finite else math.nan
+                out.append((proxy_flavour, dataset, loss, MEAN_ARCH, proxy, score, mean, math.nan, len(finite)))
+    return pd.DataFrame(out, columns=columns)
+
+
+def loss_label(loss: str) -> str:
+    """The paper's label of an attack loss (``l2`` → ``L2``, ``cos`` → ``CS``)."""
+    return LOSS_LABELS.get(loss, loss.upper())
+
+
+def row_order(pair: tuple[str, str]) -> tuple:
+    """Sort key of (dataset, loss) rows: by dataset, then L2, CS, then any other loss by name."""
+    dataset, loss = pair
+    known = list(LOSS_LABELS)
+    return dataset, known.index(loss) if loss in known else len(known), loss
+
+
+def recipe_agreement(df: pd.DataFrame) -> pd.DataFrame:
+    """How well the paper's recipe reproduces the exact values, per (dataset, arch, proxy): σ_S between
+    the two flavours over the images, the median relative difference |paper − exact| / |exact|, and the
+    fraction of recipe values and of exact values certified converged (an exact λ_min below float64's
+    resolution, about 1e-16·λ_max, is computed but cannot be certified to a relative tolerance). One
+    row per image and model (jobs sharing proxies are counted once)."""
+    columns = ["dataset", "arch", "proxy", "rho", "median_rel_diff", "paper_converged", "exact_converged", "n"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    common = [p for p in proxy_names(df, "exact") if p in proxy_names(df, "paper")]
+    unique = df.drop_duplicates("proxy_key")
+    out = []
+    for (dataset, arch), sub in unique.groupby(["dataset", "arch"], sort=True):
+        for proxy in common:
+            exact = sub[proxy_column(proxy, "exact")].to_numpy(float)
+            paper = sub[proxy_column(proxy, "paper")].to_numpy(float)
+            rho, _, n = spearman(exact, paper)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.abs(paper - exact) / np.abs(exact)
+            rel = rel[np.isfinite(rel)]
+            fractions = []
+            for flavour in ("paper", "exact"):  # the order of the columns
+                conv = sub.get(proxy_column(proxy, flavour) + "_converged")
+                fractions.append(float(conv.mean()) if conv is not None and len(conv) else math.nan)
+            out.append((dataset, arch, proxy, rho, float(np.median(rel)) if rel.size else math.nan,
+                        *fractions, n))
+    return pd.DataFrame(out, columns=columns)
+
+
+def findings(table: pd.DataFrame) -> list[str]:
+    """Plain statements of what the σ_S table says: for each (dataset, attack loss) and flavour, the
+    averaged σ_S with MSE of ``grad_norm`` and of that loss's own LAVP (λ_max, λ_min), and whether each
+    LAVP correlates more strongly than the gradient norm (larger |σ_S|)."""
+    from ..proxies import proxy_key
+
+    lines = []
+    mean = table[(table["arch"] == MEAN_ARCH) & (table["score"] == "mse")]
+    rho = {(r.flavour, r.dataset, r.loss, r.proxy): r.rho for r in mean.itertuples()}
+    flavours = [f for f in FLAVOURS if f in set(mean["flavour"])]
+    for dataset, loss in sorted({(r.dataset, r.loss) for r in mean.itertuples()}, key=row_order):
+        for flavour in flavours:
+            base = rho.get((flavour, dataset, loss, "grad_norm"), math.nan)
+            parts, verdicts = [f"grad_norm {_signed(base)}"], []
+            for extreme in ("max", "min"):
+                name = proxy_key(loss, extreme)
+                value = rho.get((flavour, dataset, loss, name))
+                if value is None:
+                    continue
+                parts.append(f"{name} {_signed(value)}")
+                if math.isnan(value) or math.isnan(base):
+                    verdicts.append(f"{name}: undefined")
+                else:
+                    verdicts.append(f"{name} {'beats' if abs(value) > abs(base) else 'does not beat'} grad_norm")
+            lines.append(f"{dataset}+{loss_label(loss)} ({flavour}): σ_S with MSE: {', '.join(parts)}; "
+                         f"{'; '.join(verdicts)}")
+    return lines
+
+
+def _signed(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.2f}"
+
+
+def rankings(df: pd.DataFrame, images: Sequence[int], *, proxy_flavour: Flavour = "exact",
+             arch: str | None = None, dataset: str | None = None, proxies: Sequence[str] | None = None) -> pd.DataFrame:
+    """The data behind Figure 1b/1c for the chosen image indices, per (dataset, architecture).
+
+    Rows of kind ``observed``: each attack loss's MSE ranking (largest MSE first, as "D > B > C > A").
+    Rows of kind ``predicted``: each proxy's ranking (largest value first: the paper expects larger
+    proxies for worse reconstructions). Columns ``tau_<loss>`` / ``p_<loss>``: Kendall's τ
+    (``scipy.stats.kendalltau``) between the row's values and that loss's MSE over the images.
+    """
+    if df.empty:
+        raise ConfigError("no finished jobs to rank")
+    images = [int(i) for i in images]
+    if len(images) < 2:
+        raise ConfigError("rankings need at least two image indices, e.g. --images 0,5,9,12")
+    check_one_configuration(df)
+    sub = df[df["image_index"].isin(images)]
+    if arch is not None:
+        sub = sub[sub["arch"] == arch]
+    if dataset is not None:
+        sub = sub[sub["dataset"] == dataset]
+    found = sorted(set(sub["image_index"]))
+    if len(found) < 2:
+        scope = df if arch is None else df[df["arch"] == arch]
+        available = sorted(set(scope["image_index"]))
+        shown = ", ".join(str(i) for i in available[:20]) + (" …" if len(available) > 20 else "")
+        raise ConfigError(f"rankings need finished jobs for at least two of the images {images}"
+                          + (f" on {arch}" if arch else "") + f"; images with results: {shown or 'none'}")
+    names = list(proxies) if proxies is not None else proxy_names(sub, proxy_flavour)
+    out = []
+    for (ds, model), group in sub.groupby(["dataset", "arch"], sort=True):
+        losses = sorted(set(group["loss"]))
+        mse = {loss: group[group["loss"] == loss].set_index("image_index")["mse"].reindex(images)
+               for loss in losses}
+        rows: list[tuple[str, str, pd.Series]] = [("observed", f"MSE ({loss_label(loss)})", mse[loss])
+                                                   for loss in losses]
+        per_image = group.drop_duplicates("image_index").set_index("image_index").reindex(images)
+        rows += [("predicted", p, per_image[proxy_column(p, proxy_flavour)]) for p in names]
+        for kind, name, values in rows:
+            record = {"dataset": ds, "arch": model, "kind": kind, "name": name, "ranking": _ranking(values)}
+            for loss in losses:
+                tau, p, _ = kendall(values.to_numpy(float), mse[loss].to_numpy(float))
+                record[f"tau_{loss}"], record[f"p_{loss}"] = tau, p
+            out.append(record)
+    return pd.DataFrame(out)
+
+
+def _ranking(values: pd.Series) -> str:
+    known = values.dropna().sort_values(ascending=False, kind="stable")
+    text = " > ".join(str(int(i)) for i in known.index)
+    missing = [str(int(i)) for i in values.index if pd.isna(values.get(i))]
+    return text + (f" (missing: {', '.join(missing)})" if missing else "")
+
+
+def pick_disagreeing_images(df: pd.DataFrame, arch: str, *, count: int = 4, dataset: str | None = None,
+                            flavour: Flavour = "exact", max_candidates: int = 24) -> list[int]:
+    """``count`` image indices whose MSE rankings under the L2 and the cosine attack disagree most
+    (lowest Kendall τ between them), ties broken by how well each loss's own LAVP (``l2_max``,
+    ``cos_min``) predicts its ranking: the situation of the paper's Figure 1b/1c.
+
+    Only images with results for both losses on ``arch`` count; the ``max_candidates`` images whose MSE
+    ranks differ most between the losses are searched exhaustively. Fewer than ``count`` usable images:
+    all of them.
+
+    Args:
+        df: jobs as from :func:`~lavp_core.study.results.load_results` (columns ``arch``, ``dataset``,
+            ``loss``, ``image_index``, ``mse`` and the ``{flavour}_l2_max`` / ``{flavour}_cos_min``
+            proxy columns where available).
+        arch: the architecture whose jobs count; ``dataset``: only this dataset's jobs (default: all).
+        flavour: which proxy values break ties.
+
+    Returns:
+        Image indices in increasing order; when ``df`` lacks one of the losses on ``arch``, the first
+        ``count`` of its image indices.
+    """
+    sub = df[df["arch"] == arch]
+    if dataset is not None:
+        sub = sub[sub["dataset"] == dataset]
+    if sub.empty or not {"l2", "cos"} <= set(sub["loss"]):
+        return sorted(int(i) for i in sub["image_index"].unique())[:count]
+    mse = sub.pivot_table(index="image_index", columns="loss", values="mse", aggfunc="first")[["l2", "cos"]]
+    mse = mse.dropna()
+    if len(mse) <= count:
+        return sorted(int(i) for i in mse.index)
+    ranks = mse.rank()
+    spread = (ranks["l2"] - ranks["cos"]).abs().sort_values(ascending=False, kind="stable")
+    candidates = sorted(int(i) for i in spread.index[:max_candidates])
+    per_image = sub.drop_duplicates("image_index").set_index("image_index").reindex(candidates)
+
+    def signs(values) -> np.ndarray:  # (n, n): sign(v_i - v_j), 0 where either is NaN
+        v = np.asarray(values, dtype=float)
+        out = np.sign(v[:, None] - v[None, :])
+        return np.nan_to_num(out, nan=0.0)
+
+    combos = np.array(list(itertools.combinations(range(len(candidates)), count)))  # (K, count)
+    pairs = list(itertools.combinations(range(count), 2))
+
+    def tau(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # Kendall's τ-a of every combination, (K,)
+        s = a * b
+        return np.mean([s[combos[:, i], combos[:, j]] for i, j in pairs], axis=0)
+
+    l2, cos = signs(mse.loc[candidates, "l2"]), signs(mse.loc[candidates, "cos"])
+    disagreement = tau(l2, cos)
+    fit = np.zeros(len(combos))
+    for mse_signs, proxy in ((l2, "l2_max"), (cos, "cos_min")):
+        column = proxy_column(proxy, flavour)
+        if column in per_image:
+            fit += tau(signs(per_image[column]), mse_signs)
+    best = int(np.lexsort((-fit, disagreement))[0])  # lowest τ(L2, cos), then best LAVP fit
+    return [candidates[i] for i in combos[best]]
