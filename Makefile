@@ -31,7 +31,7 @@ test: install-dev
 	$(PY) -m pytest -q
 
 lint: install-dev
-	$(PY) -m ruff check lavp_core pages app.py tests benchmarks
+	$(PY) -m ruff check lavp_core lavp_ui pages app.py tests benchmarks
 
 bench: install
 	$(PY) benchmarks/attack_speed.py

@@ -1,8 +1,8 @@
 """Attack: run a preset on the sidebar's image and watch the reconstruction converge, live.
 
 The attack runs in a daemon thread (:class:`lavp_core.jobs.BackgroundAttack`) kept in this session's
-state; a fragment redraws the latest snapshot twice a second, so the page stays responsive, Stop works,
-and other clicks (even on other pages) do not lose the run.
+state; a fragment redraws the latest snapshot once a second (``lavp_ui.tasks.POLL_SECONDS``), so the page
+stays responsive, Stop works, and other clicks (even on other pages) do not lose the run.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from lavp_core.losses import list_losses
 from lavp_core.metrics import score_reconstruction
 from lavp_core.runner import AttackRequest, PresetRun, load_all_presets
 from lavp_core.scenario import ScenarioConfig
-from pages import _shared as ui
+from lavp_ui.formatting import fmt, loss_curve, metrics_frame, proxies_frame, show_job_error, upscale
+from lavp_ui.routing import draw_through_app
+from lavp_ui.sidebar import current_config, describe_config, load_scenario, require_scenario
+from lavp_ui.tasks import live_area, proxies_task, warm_up_engine
 
-ui.ensure_entry_file()
+draw_through_app()  # first: a direct visit on a fresh server runs this file alone
 
 # Demo settings per preset: the default (lavp-paper on lenet) shows its first frame well under 2 s and
 # ends within 30 s on a 2-core CPU. The presets' full settings are the command line's defaults.
@@ -61,13 +64,18 @@ class AttackRecord:
 def apply_preset_defaults() -> None:
     """Put the chosen preset's demo settings into the widgets (on a change of preset)."""
     preset = get_preset(st.session_state[K_PRESET])
-    config = preset.config
+    defaults = preset.defaults()  # None for a setting the preset's kind does not have (R-CONV: every one)
     demo = DEMO.get(preset.name, {})
-    st.session_state[K_LOSS] = config.loss
-    st.session_state[K_STEPS] = int(demo.get("steps", min(config.steps, 1000)))
-    st.session_state[K_RESTARTS] = int(demo.get("restarts", config.restarts))
-    st.session_state[K_LR] = float(config.lr)
-    st.session_state[K_TV] = min(TV_CHOICES, key=lambda v: abs(v - config.tv_weight))
+    if defaults.loss is not None:
+        st.session_state[K_LOSS] = defaults.loss
+    if defaults.steps is not None:
+        st.session_state[K_STEPS] = int(demo.get("steps", min(defaults.steps, 1000)))
+    if defaults.restarts is not None:
+        st.session_state[K_RESTARTS] = int(demo.get("restarts", defaults.restarts))
+    if defaults.lr is not None:
+        st.session_state[K_LR] = float(defaults.lr)
+    if defaults.tv_weight is not None:
+        st.session_state[K_TV] = min(TV_CHOICES, key=lambda v: abs(v - defaults.tv_weight))
 
 
 def request_from_settings() -> AttackRequest:
@@ -86,7 +94,7 @@ def start_attack() -> None:
     The settings are read when the button is pressed (not bound when it was drawn), so a value changed
     just before the click is the one used."""
     st.session_state.pop(K_ERROR, None)
-    config = ui.current_config()
+    config = current_config()
     if config is None:
         st.session_state[K_ERROR] = "Choose an image in the sidebar first."
         return
@@ -95,11 +103,11 @@ def start_attack() -> None:
     if record is not None and not record.job.finished:
         return
     try:
-        scenario = ui.load_scenario(config)
+        scenario = load_scenario(config)
         preset = get_preset(request.preset)
         if preset.kind == "analytic":
             check_rconv_supported(scenario.model, scenario.info.image_shape)
-        steps = request.steps or preset.config.steps
+        steps = request.steps or preset.defaults().steps or 1  # R-CONV has no steps
         run = PresetRun(scenario.model, scenario.image, scenario.label, scenario.info, request,
                         generator=torch.Generator().manual_seed(int(config.seed)),
                         snapshot_every=max(1, steps // 60))
@@ -136,25 +144,25 @@ def render_live(record: AttackRecord) -> None:
     rec_col, curve_col = st.columns([1, 2])
     if view.outcome is not None and view.outcome.reconstruction is not None:
         final = record.info.denormalize(view.outcome.reconstruction.detach().float().cpu())[0]
-        rec_col.image(ui.upscale(final), caption=f"reconstruction ({view.state}, {view.outcome.steps} steps)",
+        rec_col.image(upscale(final), caption=f"reconstruction ({view.state}, {view.outcome.steps} steps)",
                       output_format="PNG")
     elif view.snapshot is not None:
         stage = getattr(view.snapshot, "stage", None)
         text = f"step {view.snapshot.step} / {view.snapshot.total_steps}" + (
             f" · stage {stage}" if stage is not None and record.kind == "generative" else "")
-        rec_col.image(ui.upscale(view.snapshot.image01), caption=f"reconstruction, {text}", output_format="PNG")
+        rec_col.image(upscale(view.snapshot.image01), caption=f"reconstruction, {text}", output_format="PNG")
     elif view.running:
         rec_col.info("starting…", icon=":material/hourglass_top:")
     if record.kind == "analytic":
         curve_col.caption("R-CONV solves linear systems layer by layer: there is no loss curve.")
     elif view.history:
-        curve_col.plotly_chart(ui.loss_curve(view.history), config={"displayModeBar": False})
+        curve_col.plotly_chart(loss_curve(view.history), config={"displayModeBar": False})
     loss_now = view.snapshot.matching_loss if view.snapshot is not None else math.nan
-    label = (f"{view.state} · {view.elapsed:.1f} s · matching loss {ui.fmt(loss_now)}"
+    label = (f"{view.state} · {view.elapsed:.1f} s · matching loss {fmt(loss_now)}"
              + (" · stopping…" if view.running and view.stop_requested else ""))
     st.progress(view.fraction, text=label)
     if view.error is not None:
-        ui.show_job_error(view.error)
+        show_job_error(view.error)
 
 
 def render_outcome(record: AttackRecord, view) -> None:
@@ -162,10 +170,10 @@ def render_outcome(record: AttackRecord, view) -> None:
     st.subheader("Similarity to the ground truth")
     left, right = st.columns([1, 1])
     if view.summary is not None:
-        left.dataframe(ui.metrics_frame(view.summary), hide_index=True)
-    facts = [("preset", outcome.preset), ("final matching loss", ui.fmt(outcome.matching_loss)),
+        left.dataframe(metrics_frame(view.summary), hide_index=True)
+    facts = [("preset", outcome.preset), ("final matching loss", fmt(outcome.matching_loss)),
              ("steps", str(outcome.steps)), ("seconds", f"{outcome.seconds:.1f}"),
-             ("first frame after (s)", ui.fmt(view.first_frame_seconds, 3)),
+             ("first frame after (s)", fmt(view.first_frame_seconds, 3)),
              ("label used / true", f"{outcome.label_used} / {outcome.label_true}"),
              ("stopped early", "yes" if outcome.cancelled else "no")]
     right.dataframe(pd.DataFrame(facts, columns=["", "value"]), hide_index=True)
@@ -174,12 +182,12 @@ def render_outcome(record: AttackRecord, view) -> None:
     stages = outcome.details.get("stages")
     if stages:
         st.markdown("**GIFD stages** (the kept candidate after each stage; the best stage is the outcome)")
-        st.image([ui.upscale(s.image01, 4) for s in stages],
-                 caption=[f"{s.name}: loss {ui.fmt(s.matching_loss, 3)}" for s in stages], output_format="PNG")
+        st.image([upscale(s.image01, 4) for s in stages],
+                 caption=[f"{s.name}: loss {fmt(s.matching_loss, 3)}" for s in stages], output_format="PNG")
     layers = outcome.details.get("layers")
     if layers:
         st.markdown(f"**R-CONV, layer by layer** (gradient residual "
-                    f"{ui.fmt(outcome.details.get('gradient_residual'), 3)})")
+                    f"{fmt(outcome.details.get('gradient_residual'), 3)})")
         st.dataframe(pd.DataFrame([dataclasses.asdict(layer) for layer in layers]), hide_index=True)
 
 
@@ -188,30 +196,30 @@ def render_proxies(record: AttackRecord) -> None:
     st.subheader("This image's vulnerability proxies")
     method = st.radio("Eigen-solver", list(PROXY_METHODS), format_func=PROXY_METHODS.get, horizontal=True,
                       key=K_PROXY_METHOD)
-    task = ui.proxies_task(record.config, method)
+    task = proxies_task(record.config, method)
 
     def render() -> None:
         view = task.view()
         if view.running:
             st.progress(view.progress, text=f"{view.message}… {view.elapsed:.0f} s")
         elif view.error is not None:
-            ui.show_job_error(view.error)
+            show_job_error(view.error)
         elif view.result is not None:
-            st.dataframe(ui.proxies_frame(view.result), hide_index=True)
+            st.dataframe(proxies_frame(view.result), hide_index=True)
             st.caption(f"{view.result.method} solver, {view.result.seconds:.1f} s. Larger values predict a worse "
                        f"reconstruction under that loss; the Proxies page has the spectra and a solver comparison.")
 
-    ui.live_area(render, lambda: not task.finished)
+    live_area(render, lambda: not task.finished)
 
 
 # --------------------------------------------------------------------------------------------
 # Page
 
-scenario = ui.require_scenario()
-ui.warm_up_engine()
+scenario = require_scenario()
+warm_up_engine()
 st.title("Attack")
 st.caption(f"Client image: {scenario.description} · model {scenario.config.arch} "
-           f"({ui.describe_config(scenario.config)})")
+           f"({describe_config(scenario.config)})")
 
 presets = {p.name: p for p in load_all_presets()}
 if K_PRESET not in st.session_state:
@@ -254,9 +262,9 @@ else:
         st.caption(f"Showing the last run: {record.description}, preset {record.request.preset}"
                    + (f", {record.request.loss} loss" if record.request.loss else ""))
     truth_col, live_col = st.columns([1, 3])
-    truth_col.image(ui.upscale(record.truth01), caption="ground truth", output_format="PNG")
+    truth_col.image(upscale(record.truth01), caption="ground truth", output_format="PNG")
     with live_col:
-        ui.live_area(lambda: render_live(record), lambda: not record.job.finished)
+        live_area(lambda: render_live(record), lambda: not record.job.finished)
     view = record.job.view()
     if view.finished and view.outcome is not None:
         render_outcome(record, view)

@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from pages import _shared as ui
+from lavp_ui.routing import draw_through_app
 
-ui.ensure_entry_file()
+draw_through_app()  # first: a direct visit on a fresh server runs this file alone
 
 st.title("LAVP Explorer")
 st.caption("Gradient inversion attacks in federated learning, and the loss-aware vulnerability proxy (LAVP) of "

@@ -13,9 +13,12 @@ import pandas as pd
 import streamlit as st
 
 from lavp_core.hessian import METHODS
-from pages import _shared as ui
+from lavp_ui.formatting import fmt, proxies_frame, show_job_error, upscale
+from lavp_ui.routing import draw_through_app
+from lavp_ui.sidebar import describe_config, require_scenario
+from lavp_ui.tasks import known_proxies_task, live_area, proxies_task
 
-ui.ensure_entry_file()
+draw_through_app()  # first: a direct visit on a fresh server runs this file alone
 
 METHOD_LABELS = {"exact": "exact (dense Hessian)", "lanczos": "Lanczos (matrix-free)",
                  "paper": "paper recipe (finite differences + power iteration)"}
@@ -48,12 +51,12 @@ def comparison_frame(results: dict) -> pd.DataFrame:
             diag = result.diagnostics.get(name)
             ref = exact[name] if exact is not None and name in exact else math.nan
             rel = abs(value - ref) / abs(ref) if ref and math.isfinite(ref) and method != "exact" else math.nan
-            rows.append({"proxy": name, "solver": method, "value": ui.fmt(value, 6),
-                         "rel. diff. to exact": ui.fmt(rel, 3),
-                         "residual ‖Hv−λv‖/|λ|": ui.fmt(diag.residual if diag else None, 3),
+            rows.append({"proxy": name, "solver": method, "value": fmt(value, 6),
+                         "rel. diff. to exact": fmt(rel, 3),
+                         "residual ‖Hv−λv‖/|λ|": fmt(diag.residual if diag else None, 3),
                          "converged": "yes" if result.converged(name) else "no",
                          "iterations": "" if diag is None else str(diag.iterations),
-                         "seconds": ui.fmt(diag.seconds if diag else None, 3)})
+                         "seconds": fmt(diag.seconds if diag else None, 3)})
     frame = pd.DataFrame(rows)
     proxies = {name: i for i, name in enumerate(dict.fromkeys(frame["proxy"]))}  # compute_proxies' order
     methods = {m: i for i, m in enumerate(METHODS)}
@@ -61,26 +64,26 @@ def comparison_frame(results: dict) -> pd.DataFrame:
                              kind="stable")
 
 
-scenario = ui.require_scenario()
+scenario = require_scenario()
 config = scenario.config
 st.title("Proxies")
-st.caption(f"Client image: {scenario.description} · {ui.describe_config(config)}")
+st.caption(f"Client image: {scenario.description} · {describe_config(config)}")
 left, right = st.columns([1, 4])
-left.image(ui.upscale(scenario.image01[0], 5), caption="x*, the client's image", output_format="PNG")
+left.image(upscale(scenario.image01[0], 5), caption="x*, the client's image", output_format="PNG")
 right.markdown(
     "Each proxy is computed at the ground truth x*: the gradient norm ‖g*‖ and, for the L2 and cosine matching "
     "losses, the largest and smallest eigenvalue of the loss's Hessian (LAVP), plus the paper's loss-agnostic "
     "fusion √(l2_max · cos_min). Larger values predict a worse reconstruction under that loss.")
 
 st.subheader("Every proxy, exactly, with the spectra")
-exact_task = ui.known_proxies_task(config, "exact")
+exact_task = known_proxies_task(config, "exact")
 if exact_task is None or exact_task.view().error is not None:
     st.button("Compute the exact proxies and spectra", icon=":material/calculate:", key="btn.proxies.exact",
-              on_click=ui.proxies_task, args=(config, "exact"),
+              on_click=proxies_task, args=(config, "exact"),
               help=f"Forms the dense {scenario.image[0].numel()}×{scenario.image[0].numel()} Hessians with "
                    f"Hessian-vector products: 20–60 s on 2 CPU cores. It keeps running if you leave "
                    f"the page, and the result is kept for this image and model.")
-exact_task = ui.known_proxies_task(config, "exact")
+exact_task = known_proxies_task(config, "exact")
 
 
 def render_exact() -> None:
@@ -89,10 +92,10 @@ def render_exact() -> None:
         st.progress(view.progress, text=f"{view.message}… {view.elapsed:.0f} s")
         return
     if view.error is not None:
-        ui.show_job_error(view.error)
+        show_job_error(view.error)
         return
     result = view.result
-    st.dataframe(ui.proxies_frame(result), hide_index=True)
+    st.dataframe(proxies_frame(result), hide_index=True)
     st.caption(f"d = {result.input_dim} input values, n = {result.num_params} weights, {result.seconds:.1f} s.")
     if result.spectra:
         st.plotly_chart(spectra_figure(result.spectra), config={"displayModeBar": False})
@@ -104,7 +107,7 @@ def render_exact() -> None:
 
 
 if exact_task is not None:
-    ui.live_area(render_exact, lambda: not exact_task.finished)
+    live_area(render_exact, lambda: not exact_task.finished)
 else:
     st.caption("Not computed yet for this image and model.")
 
@@ -112,16 +115,16 @@ st.subheader("Solver comparison")
 st.markdown("The same proxies from the exact solver, Lanczos (ARPACK, matrix-free) and the paper's recipe "
             "(finite-difference Hessian-vector products with power iteration). The paper recipe runs by itself: "
             "it takes seconds.")
-ui.proxies_task(config, "paper")
-missing = [m for m in METHODS if ui.known_proxies_task(config, m) is None]
+proxies_task(config, "paper")
+missing = [m for m in METHODS if known_proxies_task(config, m) is None]
 if missing:
     def start_missing() -> None:
         for method in missing:
-            ui.proxies_task(config, method)
+            proxies_task(config, method)
 
     st.button(f"Compute with {', '.join(METHOD_LABELS[m] for m in missing)}", key="btn.proxies.compare",
               on_click=start_missing, icon=":material/compare_arrows:")
-tasks = {m: ui.known_proxies_task(config, m) for m in METHODS}
+tasks = {m: known_proxies_task(config, m) for m in METHODS}
 tasks = {m: t for m, t in tasks.items() if t is not None}
 
 
@@ -131,10 +134,10 @@ def render_comparison() -> None:
         if view.running:
             st.progress(view.progress, text=f"{METHOD_LABELS[method]}: {view.message}… {view.elapsed:.0f} s")
         elif view.error is not None:
-            ui.show_job_error(view.error)
+            show_job_error(view.error)
     done = {m: v.result for m, v in views.items() if v.result is not None and v.error is None}
     if done:
         st.dataframe(comparison_frame(done), hide_index=True)
 
 
-ui.live_area(render_comparison, lambda: any(not t.finished for t in tasks.values()))
+live_area(render_comparison, lambda: any(not t.finished for t in tasks.values()))

@@ -16,9 +16,12 @@ import streamlit as st
 
 from lavp_core.errors import LavpError
 from lavp_core.study import check_one_configuration, loss_label, proxy_column, proxy_names, spearman, table1, table3
-from pages import _shared as ui
+from lavp_ui.formatting import fmt, png_array, show_error
+from lavp_ui.routing import draw_through_app
+from lavp_ui.sidebar import keep_valid
+from lavp_ui.study_access import database_picker, pick_study, read_study, show_study_progress, study_images
 
-ui.ensure_entry_file()
+draw_through_app()  # first: a direct visit on a fresh server runs this file alone
 
 SCORE_LABELS = {"mse": "MSE (↓)", "psnr": "PSNR (↑)", "ssim": "SSIM (↑)", "lpips": "LPIPS (↓)"}
 FLAVOUR_LABELS = {"exact": "exact eigenvalues", "paper": "paper recipe"}
@@ -88,15 +91,15 @@ def show_images(path: str, rows: pd.DataFrame) -> None:
     cols = st.columns(max(1, min(MAX_SHOWN, len(rows))))
     for col, row in zip(cols, rows.itertuples()):
         try:
-            recon, truth = ui.study_images(path, row.job_key)
+            recon, truth = study_images(path, row.job_key)
         except LavpError as exc:
             with col:
-                ui.show_error(exc)
+                show_error(exc)
             continue
-        images = [ui.png_array(png) for png in (truth, recon) if png is not None]
+        images = [png_array(png) for png in (truth, recon) if png is not None]
         if images:
             col.image(images, output_format="PNG")
-        col.caption(f"#{row.image_index} · MSE {ui.fmt(row.mse, 3)}"
+        col.caption(f"#{row.image_index} · MSE {fmt(row.mse, 3)}"
                     + ("" if recon is not None else " · no reconstruction stored"))
 
 
@@ -106,19 +109,19 @@ def show_images(path: str, rows: pd.DataFrame) -> None:
 st.title("Study")
 st.caption("Proxy against reconstruction quality over the images of a study, like the paper's Figures 2 and 3, "
            "with its Table 1 correlations.")
-path = ui.database_picker("study")
+path = database_picker("study")
 if path is None:
     st.stop()
 try:
-    df = ui.read_study(path, ui.pick_study(path, "study"))
+    df = read_study(path, pick_study(path, "study"))
 except LavpError as exc:
-    ui.show_error(exc)
+    show_error(exc)
     st.stop()
-ui.show_study_progress(path)
+show_study_progress(path)
 try:
     check_one_configuration(df)
 except LavpError as exc:
-    ui.show_error(exc, "Pick one study in this database, or one database per configuration.")
+    show_error(exc, "Pick one study in this database, or one database per configuration.")
     st.stop()
 if df.empty:
     st.info(f"{path} holds no finished jobs yet. Run a study into it: python -m lavp_core study --db {path}")
@@ -133,7 +136,7 @@ losses = sorted(df["loss"].unique(), key=lambda v: (v not in ("l2", "cos"), v !=
 scores = [s for s in ("mse", "ssim", "psnr", "lpips") if s in df and df[s].notna().any()]
 for key, options in (("study.arch", archs), ("study.loss", losses), ("study.score", scores),
                      ("study.flavour", flavours)):
-    ui.keep_valid(key, options)
+    keep_valid(key, options)
 c1, c2, c3, c4 = st.columns(4)
 arch = c1.selectbox("Architecture", archs, key="study.arch")
 loss = c2.selectbox("Attack loss", losses, key="study.loss", format_func=lambda v: f"{v} ({loss_label(v)})")
@@ -147,7 +150,7 @@ if "lpips" in df and df["lpips"].isna().all():
 sub = df[(df["arch"] == arch) & (df["loss"] == loss)].reset_index(drop=True)
 datasets = sorted(sub["dataset"].unique())
 if len(datasets) > 1:
-    ui.keep_valid("study.dataset", datasets)
+    keep_valid("study.dataset", datasets)
     dataset = st.selectbox("Dataset", datasets, key="study.dataset")
     sub = sub[sub["dataset"] == dataset].reset_index(drop=True)
 if sub.empty:
@@ -166,7 +169,7 @@ st.markdown("**Inspect images**: click a point, or box/lasso-select several, to 
 chosen = selected_keys(event, keys)
 if not chosen:
     ids = sorted(int(i) for i in sub["image_index"])
-    ui.keep_valid("study.inspect", ids)
+    keep_valid("study.inspect", ids)
     pick = st.selectbox("…or pick an image", ids, key="study.inspect")
     chosen = list(sub.loc[sub["image_index"] == pick, "job_key"])
 show_images(path, sub[sub["job_key"].isin(chosen)].head(MAX_SHOWN))
@@ -178,7 +181,7 @@ try:
     t1 = table1(df, flavour)
     t3 = table3(df, flavour)
 except LavpError as exc:
-    ui.show_error(exc)
+    show_error(exc)
     st.stop()
 st.dataframe(t1)
 st.markdown("**Table 3**: gradient norm against the loss-agnostic fusion √(l2_max · cos_min)")

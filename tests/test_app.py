@@ -22,6 +22,8 @@ from lavp_core.study import canonical_json, load_results, sha256_text
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 PAGES = ("guide", "attack", "proxies", "study", "rankings")
+TITLES = {"guide": "LAVP Explorer", "attack": "Attack", "proxies": "Proxies", "study": "Study",
+          "rankings": "Rankings"}
 BUNDLED = ROOT / "assets" / "study" / "photos-default.sqlite"
 
 # A made-up study of six images on lenet: the L2 attack's MSE grows with the image's position in the list
@@ -146,17 +148,50 @@ def test_guide_shows_both_hessians_as_latex():
     assert "J(x^*)^\\top" in formulas
 
 
-def test_a_page_run_alone_reruns_through_the_entry_file():
-    """A fresh server (and AppTest before every run) may run a page file alone, as an old-style multipage app
-    would; the page then reruns through app.py so the sidebar and the navigation are there."""
-    from streamlit.runtime.pages_manager import PagesManager
+@pytest.mark.parametrize("page", PAGES)
+def test_a_first_visit_straight_to_a_page_url_draws_it_through_the_app(page):
+    """A fresh AppTest asked for pages/<page>.py before any run is a first visit to /<page> on a fresh
+    server: Streamlit still follows the pages/ folder convention and runs the page file alone. The page must
+    still come with app.py's sidebar and show its own title, with no error."""
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert at.title[0].value == TITLES[page]
+    assert at.sidebar.header[0].value == "Client image and model"
+    assert at.sidebar.number_input(key="side.index").value == 0
+    assert at.session_state["side.config"].index == 0  # the sidebar of app.py ran, before the page
 
-    at = app()
-    open_page(at, "attack")
-    PagesManager.uses_pages_directory = True  # what a fresh server believes with a pages/ folder
-    at.run()
-    assert not at.exception and PagesManager.uses_pages_directory is False
-    assert at.sidebar.number_input(key="side.index").value == 0 and at.title[0].value == "Attack"
+
+def test_a_page_file_run_as_the_main_script_serves_the_whole_app():
+    """`python -m streamlit run pages/attack.py`: the page runs app.py, which draws its default page at /."""
+    at = AppTest.from_file(str(ROOT / "pages" / "attack.py"), default_timeout=90).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == TITLES["guide"]
+    assert at.sidebar.number_input(key="side.index").value == 0
+    at.switch_page("attack.py").run()  # paths are relative to the main script, here pages/
+    assert not at.exception and not at.error
+    assert at.title[0].value == TITLES["attack"]
+
+
+def test_the_scenario_is_built_by_the_core_with_its_checks(tmp_path):
+    """The app's scenario is lavp_core.scenario.build_scenario with the cached model: an uploaded image's
+    label is checked against the dataset's classes, and a vanished upload is a message, not a traceback."""
+    from lavp_core.errors import ConfigError, ImageError
+    from lavp_core.scenario import ScenarioConfig
+    from lavp_ui.sidebar import cached_model, load_scenario
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(path)
+    scenario = load_scenario(ScenarioConfig(dataset="photos", image=str(path), label=3))
+    assert scenario.label == 3 and scenario.description.startswith("uploaded image (label 3: ")
+    assert scenario.model is cached_model("lenet", "random", 0, "photos")
+    assert tuple(scenario.image.shape) == (1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="out of range"):
+        load_scenario(ScenarioConfig(dataset="photos", image=str(path), label=10))
+    path.unlink()
+    with pytest.raises(ImageError, match="upload it again"):
+        load_scenario(ScenarioConfig(dataset="photos", image=str(path), label=3))
 
 
 def test_sidebar_choices_survive_page_switches():
@@ -173,7 +208,22 @@ def test_sidebar_choices_survive_page_switches():
     assert "#7" in at.caption[0].value and "alexnet" in at.caption[0].value
 
 
-def test_attack_runs_in_the_background_and_shows_metrics_and_proxies():
+@pytest.fixture
+def lpips_unavailable(tmp_path, monkeypatch) -> str:
+    """LPIPS without its AlexNet weights (as on a machine that cannot download them); yields the reason
+    lavp_core gives. The cached LPIPS model is rebuilt before and after."""
+    from lavp_core import metrics
+
+    missing = tmp_path / "hub" / "checkpoints" / metrics.ALEXNET_WEIGHTS
+    monkeypatch.setattr(metrics, "alexnet_weights_path", lambda: missing)
+    metrics._lpips_model.cache_clear()
+    status = metrics.lpips_status()
+    assert not status.available and str(missing) in status.reason
+    yield status.reason
+    metrics._lpips_model.cache_clear()
+
+
+def test_attack_runs_in_the_background_and_shows_metrics_and_proxies(lpips_unavailable):
     at = open_page(app(), "attack")
     assert at.selectbox(key="attack.preset").value == "lavp-paper"
     at.number_input(key="attack.steps").set_value(20)
@@ -187,7 +237,8 @@ def test_attack_runs_in_the_background_and_shows_metrics_and_proxies():
     assert outcome.steps == 20 and outcome.preset == "lavp-paper" and not outcome.cancelled
     assert float(table.loc[table["score"] == "MSE", "value"].iloc[0]) > 0
     lpips = table[table["score"] == "LPIPS"].iloc[0]
-    assert lpips["value"] == "unavailable" and lpips["note"] or float(lpips["value"]) >= 0
+    assert lpips["value"] == "unavailable" and lpips["note"] == lpips_unavailable  # the reason, word for word
+    assert "fetch-lpips" in lpips["note"]
     captions = [c for image in at.main.image for c in (image.proto.imgs[0].caption,)]
     assert "ground truth" in captions and any(c.startswith("reconstruction (done") for c in captions), captions
     proxies = wait_for(at, proxies_table, what="the proxies table")
@@ -257,6 +308,21 @@ def test_rconv_on_an_unsupported_architecture_is_an_error_box_not_a_traceback():
     assert not at.exception
     assert at.error and "pooling" in at.error[0].value and "cnn-rconv" in at.error[0].value
     assert "attack.record" not in at.session_state
+
+
+def test_rconv_on_its_architecture_reconstructs_the_image_layer_by_layer():
+    """R-CONV has no settings of its own (its preset's defaults are all None): the page runs it as it is."""
+    at = app()
+    at.selectbox(key="side.arch").set_value("cnn-rconv").run()
+    open_page(at, "attack")
+    at.selectbox(key="attack.preset").set_value("rconv").run()
+    at.button(key="btn.attack.run").click().run()
+    assert not at.error, [e.value for e in at.error]
+    record = at.session_state["attack.record"]
+    assert record.job.wait(120) and record.job.view().state == "done"
+    table = wait_for(at, metrics_table, what="the metrics table")
+    assert float(table.loc[table["score"] == "MSE", "value"].iloc[0]) < 1e-6  # an exact inversion
+    assert any(m.value.startswith("**R-CONV, layer by layer**") for m in at.markdown)
 
 
 def test_unreadable_upload_is_an_error_box():
@@ -353,21 +419,6 @@ def test_rankings_page_shows_both_rankings_and_their_predictors(study_db, monkey
     row = table.set_index("proxy")
     assert row.loc["l2_max", "matches L2"] == "✓" and row.loc["cos_min", "matches CS"] == "✓"
     assert row.loc["grad_norm", "matches L2"] == "" and row.loc["grad_norm", "matches CS"] == ""
-
-
-def test_default_four_images_are_those_whose_rankings_disagree(study_db):
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from pages._shared import pick_disagreeing_images
-
-    df = load_results(study_db)
-    chosen = pick_disagreeing_images(df, "lenet", count=4)
-    assert len(chosen) == 4 and set(chosen) <= set(FAKE_IMAGES)
-    sub = df[df["image_index"].isin(chosen)]
-    l2 = sub[sub["loss"] == "l2"].sort_values("mse")["image_index"].tolist()
-    cos = sub[sub["loss"] == "cos"].sort_values("mse")["image_index"].tolist()
-    assert l2 == list(reversed(cos))
 
 
 def test_rankings_without_a_database_run_new_attacks_through_the_study_pipeline(tmp_path, monkeypatch):
