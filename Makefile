@@ -27,7 +27,10 @@ install-dev: $(VENV)/.dev-installed
 run: install
 	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT) --browser.gatherUsageStats false
 
+# The browser test needs Debian's chromium: installed here when missing and allowed (root or passwordless
+# sudo); otherwise that test skips with one line saying how to run it (and fails under CI=true).
 test: install-dev
+	@.ci/ensure-chromium || true
 	$(PY) -m pytest -q
 
 lint: install-dev
