@@ -102,7 +102,8 @@ def _column_values(db: Path, column: str) -> list:
     ({"losses": ("l2", "manhattan")}, ConfigError),
     ({"dataset": "no-such-data"}, ConfigError),
     ({"preset": "no-such-preset"}, ConfigError),
-    ({"preset": "rconv"}, ConfigError),
+    ({"preset": "rconv"}, "analytic attack, which studies do not run: choose one of dlg, idlg, ig, lavp-paper"),
+    ({"preset": "gifd"}, "generative attack, which studies do not run"),
     ({"images": (0, 10_000)}, ConfigError),
     ({"flavours": ("exact", "guess")}, ConfigError),
     ({"dataset": "cifar10"}, DatasetError),
@@ -113,8 +114,12 @@ def test_bad_grid_is_rejected_before_any_job_runs(tmp_path, change, error):
 
     config = dataclasses.replace(TINY, **change)
     db = tmp_path / "r.sqlite"
-    with pytest.raises(error):
-        run_study(config, db, workers=0, progress=False)
+    if isinstance(error, str):  # the message itself is the behaviour under test
+        with pytest.raises(ConfigError, match=error):
+            run_study(config, db, workers=0, progress=False)
+    else:
+        with pytest.raises(error):
+            run_study(config, db, workers=0, progress=False)
     assert not db.exists()
 
 
@@ -124,6 +129,10 @@ def test_cli_rejects_unknown_names_before_writing(tmp_path, capsys):
         status = cli.main(["study", "--db", str(db), "--weights", "random", "--images", "2", flag, value])
         assert status == 2
         assert "unknown" in capsys.readouterr().err
+    for preset, kind in (("rconv", "analytic"), ("gifd", "generative")):  # listed by `list`, refused by name
+        status = cli.main(["study", "--db", str(db), "--weights", "random", "--images", "2", "--preset", preset])
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith(f"error: preset '{preset}' is a {kind} attack") and "unknown" not in err
     assert not db.exists()
 
 

@@ -71,7 +71,7 @@ from .plan import (
     study_config_dict,
 )
 from .report import format_rankings, format_report, report_data, summarise, table1, table3
-from .results import CELL, TABLE1_ORDER, check_one_configuration, load_results, proxy_column, proxy_names
+from .results import CELL, check_one_configuration, load_results, proxy_column, proxy_names
 
 __all__ = [
     # plan
@@ -84,7 +84,7 @@ __all__ = [
     "StudySummary", "run_study", "Executor", "register_executor", "get_executor", "list_executors", "run_local",
     "default_workers", "available_cores",
     # results
-    "load_results", "proxy_column", "proxy_names", "check_one_configuration", "CELL", "TABLE1_ORDER",
+    "load_results", "proxy_column", "proxy_names", "check_one_configuration", "CELL",
     # analysis
     "SCORES", "MEAN_ARCH", "LOSS_LABELS", "loss_label", "spearman", "kendall", "spearman_table",
     "recipe_agreement", "findings", "rankings", "pick_disagreeing_images",

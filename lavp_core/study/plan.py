@@ -204,10 +204,11 @@ def plan_study(config: StudyConfig) -> StudyPlan:
         ConfigError: an unknown dataset, architecture, loss, preset or solver, or a bad setting.
         DatasetError / CheckpointError / ModelError: a dataset or checkpoint that cannot be used.
     """
-    from ..attacks import get_preset, preset_config
+    from ..attacks import preset_config
     from ..data import load_dataset
     from ..losses import get_loss
     from ..models import model_spec, trained_checkpoint_path
+    from ..presets import get_preset, list_presets
     from ..scenario import ScenarioConfig, build_model
 
     if not isinstance(config, StudyConfig):
@@ -233,9 +234,10 @@ def plan_study(config: StudyConfig) -> StudyPlan:
     if not isinstance(config.solver, SolverConfig):
         raise ConfigError(f"solver must be a SolverConfig, got {type(config.solver).__name__}")
     preset = get_preset(config.preset)
-    if preset.kind != "optimisation":
-        raise ConfigError(f"preset {preset.name!r} is a {preset.kind} attack; a study runs optimisation attacks "
-                          f"(e.g. lavp-paper, ig, dlg)")
+    if not preset.attack_kind.studied:
+        studied = ", ".join(p.name for p in list_presets() if p.attack_kind.studied)
+        raise ConfigError(f"preset {preset.name!r} is a {preset.kind} attack, which studies do not run: "
+                          f"choose one of {studied}")
     attacks = {loss: preset_config(config.preset, loss=loss, steps=config.steps, restarts=config.restarts,
                                    lr=config.lr, tv_weight=config.tv_weight) for loss in losses}
     dataset = load_dataset(config.dataset, config.split, root=config.data_root)

@@ -11,7 +11,6 @@ from ..errors import ConfigError
 from ..store import open_store
 from .plan import FLAVOURS, Flavour
 
-TABLE1_ORDER = ("grad_norm", "l2_max", "l2_min", "cos_max", "cos_min")
 CELL = ["dataset", "loss", "arch", "image_index"]  # one job per cell in the results of one configuration
 
 
@@ -24,12 +23,14 @@ def proxy_column(proxy: str, flavour: Flavour = "exact") -> str:
 
 
 def proxy_names(df: pd.DataFrame, flavour: Flavour = "exact") -> list[str]:
-    """Proxies with a value column of ``flavour`` in ``df``, in Table 1 order, then the rest by name."""
+    """Proxies with a value column of ``flavour`` in ``df``, in the proxy table's order
+    (:func:`lavp_core.proxies.proxy_order`), then the rest by name."""
+    from ..proxies import proxy_order
+
     prefix = f"{flavour}_"
     found = [c[len(prefix):] for c in df.columns
              if c.startswith(prefix) and not c.endswith("_converged") and not c.endswith("_method")]
-    first = [p for p in (*TABLE1_ORDER, "fusion") if p in found]
-    return first + sorted(p for p in found if p not in first)
+    return proxy_order(sorted(found))
 
 
 def load_results(db: str | os.PathLike, *, study: str | None = None, include_errors: bool = False,
