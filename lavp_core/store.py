@@ -24,6 +24,11 @@ Safety rules:
 * Stored rows are never deleted or overwritten, with one documented exception: a job whose stored
   row has ``status = 'error'`` is replaced when the job is run again and succeeds or fails anew.
   A ``'done'`` row always wins; writing the same job again is a no-op.
+* An older schema is read as it is (columns it lacks read as NULL) and migrated by the first writer
+  that opens it, in one transaction: schema 1 -> 2 adds ``rel_mse`` and ``correlation``, filled for
+  the rows already there from their stored 8-bit PNGs (:func:`_rescore_from_pngs`), and the
+  ``leases`` table.
+* ``leases(job_key, owner, expires_at)``: a runner's claim on a job it is computing (schema 2).
 * A file that is not SQLite, is corrupt, belongs to another program, or comes from a newer schema
   is refused with :class:`~lavp_core.errors.StoreError` before anything is written to it. A file or
   folder without write permission is refused to writers; readers open it read-only.
@@ -45,7 +50,7 @@ from pathlib import Path
 from .errors import StoreError
 
 APP_NAME = "lavp-explorer"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 SQLITE_HEADER = b"SQLite format 3\x00"
 JOB_STATUSES = ("done", "error")
@@ -91,6 +96,8 @@ CREATE TABLE jobs (
     mse                 REAL,
     psnr                REAL,
     ssim                REAL,
+    rel_mse             REAL,
+    correlation         REAL,
     lpips               REAL,
     lpips_reason        TEXT,
     attack_seconds      REAL,
@@ -125,6 +132,11 @@ CREATE TABLE study_jobs (
     job_key   TEXT NOT NULL,
     PRIMARY KEY (study_key, job_key)
 );
+CREATE TABLE leases (
+    job_key    TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 
 # Columns of ``jobs`` that a row written by :meth:`ResultStore.write_job` may set (all but the key
@@ -133,7 +145,7 @@ JOB_COLUMNS: tuple[str, ...] = (
     "job_key", "proxy_key", "study", "config_json", "dataset", "split", "image_index", "arch", "weights",
     "weights_sha256", "seed", "loss", "preset", "attack_json", "attack_seed", "status", "error", "label",
     "label_used", "image_description", "matching_loss", "restart_losses_json", "best_restart",
-    "all_diverged", "steps", "mse", "psnr", "ssim", "lpips", "lpips_reason", "attack_seconds",
+    "all_diverged", "steps", "mse", "psnr", "ssim", "rel_mse", "correlation", "lpips", "lpips_reason", "attack_seconds",
     "proxy_exact_seconds", "proxy_paper_seconds", "job_seconds", "proxies_from", "reconstruction_png",
     "truth_png", "worker", "torch_threads", "code_version", "created_at",
 )
@@ -287,9 +299,8 @@ class ResultStore:
                 raise StoreError(f"{self.path} was written by a newer lavp-explorer (schema version {version}, "
                                  f"this one reads up to {SCHEMA_VERSION}); upgrade lavp-explorer to read or "
                                  f"extend it. The file was left untouched")
-            if version < SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has an old schema version {version} that this lavp-explorer "
-                                 f"cannot migrate; run the study into a new file")
+            if version < 1:
+                raise StoreError(f"{self.path} has an unknown schema version {version}; it was left untouched")
             missing = {"jobs", "proxies", "studies", "study_jobs"} - tables
             if missing:
                 raise StoreError(f"{self.path} lacks the tables {sorted(missing)}: it is damaged; run the study "
@@ -299,9 +310,32 @@ class ResultStore:
                 if check != "ok":
                     raise StoreError(f"{self.path} is corrupt ({check}); it was left untouched. Run the study "
                                      f"into a new file")
+                if version < SCHEMA_VERSION:
+                    self._migrate(conn, version)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a readable SQLite database ({exc}); it was left untouched. "
                              f"Give --db a new file name") from exc
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Bring a schema ``version`` database up to :data:`SCHEMA_VERSION` in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            if current == 1:  # another writer may have migrated it while we waited for the lock
+                for column in ("rel_mse", "correlation"):
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} REAL")
+                conn.execute("CREATE TABLE leases (job_key TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+                             "expires_at REAL NOT NULL)")
+                _rescore_from_pngs(conn)
+                current = 2
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(current),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
 
     @staticmethod
     def _tables(conn: sqlite3.Connection) -> set[str]:
@@ -465,8 +499,9 @@ class ResultStore:
                  with_images: bool = False) -> list[dict]:
         """Rows of ``jobs`` as dicts (NULL stays ``None``; NaN is stored as NULL), optionally only the
         jobs of study ``study`` (its name) and of one ``status``; PNG BLOBs only ``with_images``."""
+        present = self._columns("jobs")  # an older schema read as it is lacks some columns: NULL
         columns = [c for c in JOB_COLUMNS if with_images or c not in BLOB_COLUMNS]
-        query = f"SELECT {', '.join('j.' + c for c in columns)} FROM jobs j"
+        query = f"SELECT {', '.join(('j.' + c) if c in present else f'NULL AS {c}' for c in columns)} FROM jobs j"
         args: list[object] = []
         clauses = []
         if study is not None:
@@ -549,6 +584,30 @@ def _sql_value(value):
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True)
     return value
+
+
+def _rescore_from_pngs(conn: sqlite3.Connection) -> None:
+    """Fill ``rel_mse`` and ``correlation`` of stored rows from their reconstruction and truth PNGs (8-bit:
+    within about 1e-5 of the full-precision values for the images studied here)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .metrics import pixel_correlation, relative_mse
+
+    def decode(png: bytes) -> torch.Tensor:
+        array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64) / 255.0
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    rows = conn.execute("SELECT job_key, reconstruction_png, truth_png FROM jobs "
+                        "WHERE reconstruction_png IS NOT NULL AND truth_png IS NOT NULL").fetchall()
+    for row in rows:
+        recon, truth = decode(row[1]), decode(row[2])
+        conn.execute("UPDATE jobs SET rel_mse = ?, correlation = ? WHERE job_key = ?",
+                     (_sql_value(relative_mse(recon, truth)), _sql_value(pixel_correlation(recon, truth)),
+                      row[0]))
 
 
 def _python_row(row: sqlite3.Row) -> dict:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError
 from .generative import DcganGenerator, dcgan_init
+from .hashing import sha256_file
 from .models import ASSETS
-from .train import sha256_of
 
 RESUME_DIR = ASSETS.parent / "tmp" / "train-generator"  # git-ignored (/tmp/ at the repository root)
 
@@ -268,7 +268,7 @@ def train_generator(config: GeneratorTrainConfig, out: str | os.PathLike, *, res
     final = recalibrate_batch_norm(gan, calibration_rng, config.recalibration_batches)
     state = {k: v.detach().cpu().clone() for k, v in final.state_dict().items()}
     _atomic_save(state, out)
-    digest = sha256_of(out)
+    digest = sha256_file(out)
     metadata = out.with_suffix(".json")
     record = {
         "command": command or f"python -m lavp_core train-generator --dataset {config.dataset} "

@@ -7,11 +7,12 @@ import math
 import multiprocessing
 import sqlite3
 import stat
+from pathlib import Path
 
 import pytest
 
 from lavp_core.errors import StoreError
-from lavp_core.store import APP_NAME, SCHEMA_VERSION, open_store
+from lavp_core.store import APP_NAME, SCHEMA_VERSION, ResultStore, open_store
 
 
 def _row(key: str, status: str = "done", **extra) -> dict:
@@ -202,3 +203,37 @@ def test_concurrent_writers_keep_every_row(tmp_path):
         assert len(rows) == 60 and len({r["job_key"] for r in rows}) == 60
         assert all(r["status"] == "done" and r["mse"] == int(r["job_key"][1:], 16) for r in rows)
         assert len(store.proxy_rows()) == 120
+
+
+def test_a_schema_1_database_is_read_as_is_and_migrated_by_a_writer(tmp_path):
+    """The bundled study is schema 1: a reader leaves it untouched (new columns read as NaN); the first
+    writer adds rel_mse and correlation from the stored PNGs, and the leases table, in one transaction."""
+    import shutil
+
+    import numpy as np
+
+    from lavp_core.study import load_results
+
+    bundled = Path(__file__).resolve().parent.parent / "assets" / "study" / "photos-default.sqlite"
+    db = tmp_path / "old.sqlite"
+    shutil.copy(bundled, db)
+    before = db.read_bytes()
+    old = load_results(db)
+    assert old["rel_mse"].isna().all() and old["correlation"].isna().all()
+    assert db.read_bytes() == before and not (tmp_path / "old.sqlite-wal").exists()
+    with ResultStore(db) as store:
+        assert store.meta()["schema_version"] == "2"
+        assert {"leases"} <= {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+    new = load_results(db)
+    assert len(new) == len(old) and new["rel_mse"].notna().all() and new["correlation"].between(-1, 1).all()
+    # independent check: rel_mse times the truth's pixel variance is the stored full-precision MSE, up to the
+    # PNGs' 8-bit rounding
+    from io import BytesIO
+
+    from PIL import Image
+
+    rows = load_results(db, with_images=True).head(20)
+    for _, row in rows.iterrows():
+        truth = np.asarray(Image.open(BytesIO(row["truth_png"])).convert("RGB"), dtype=np.float64) / 255
+        variance = truth.reshape(-1, 3).var(axis=0).mean()
+        assert row["rel_mse"] * variance == pytest.approx(row["mse"], rel=0.05)

@@ -113,6 +113,7 @@ def execute_job(job: Job, shared: SharedProxies | None = None, device: str = "cp
                                                            for v in result.restart_losses]),
                     "best_restart": result.best_restart, "all_diverged": result.all_diverged,
                     "steps": result.steps, "mse": scores["mse"], "psnr": scores["psnr"], "ssim": scores["ssim"],
+                    "rel_mse": scores["rel_mse"], "correlation": scores["correlation"],
                     "lpips": scores["lpips"], "lpips_reason": scores["lpips_reason"] or None,
                     "attack_seconds": result.seconds})
         if shared is not None:

@@ -8,10 +8,11 @@ import os
 import pandas as pd
 
 from ..errors import ConfigError
+from ..metrics import RECOVERED_SSIM
 from ..store import open_store
 from .plan import FLAVOURS, Flavour
 
-CELL = ["dataset", "loss", "arch", "image_index"]  # one job per cell in the results of one configuration
+CELL = ["dataset", "loss", "arch", "weights", "image_index"]  # one job per cell in the results of one configuration
 
 
 def proxy_column(proxy: str, flavour: Flavour = "exact") -> str:
@@ -38,8 +39,9 @@ def load_results(db: str | os.PathLike, *, study: str | None = None, include_err
     """The stored jobs as one DataFrame (read-only; works while a study writes).
 
     One row per job: identity columns (``dataset``, ``split``, ``image_index``, ``arch``, ``weights``,
-    ``loss``, ``preset`` …), ``status``/``error``, the scores ``mse``, ``psnr``, ``ssim``, ``lpips``
-    (NaN where not computed, with ``lpips_reason``), ``matching_loss``, timings, and for every proxy and
+    ``loss``, ``preset`` …), ``status``/``error``, the scores ``mse``, ``psnr``, ``ssim``, ``rel_mse``,
+    ``correlation``, ``lpips`` (NaN where not computed, with ``lpips_reason``), ``recovered`` (SSIM at
+    least :data:`~lavp_core.metrics.RECOVERED_SSIM`), ``matching_loss``, timings, and for every proxy and
     flavour the value column ``{flavour}_{proxy}`` (see :func:`proxy_column`) and a boolean
     ``{flavour}_{proxy}_converged``. ``study`` keeps only that study's jobs; ``include_errors`` keeps
     failed jobs; ``with_images`` adds the PNG bytes ``reconstruction_png`` and ``truth_png``.
@@ -54,10 +56,12 @@ def _frame(rows: list[dict], proxies: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    for column in ("mse", "psnr", "ssim", "lpips", "matching_loss", "attack_seconds", "proxy_exact_seconds",
-                   "proxy_paper_seconds", "job_seconds"):
+    for column in ("mse", "psnr", "ssim", "rel_mse", "correlation", "lpips", "matching_loss", "attack_seconds",
+                   "proxy_exact_seconds", "proxy_paper_seconds", "job_seconds"):
         if column in df:
             df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
+    if "ssim" in df:  # derived, not stored: the criterion is the code's (metrics.RECOVERED_SSIM), not the row's
+        df["recovered"] = df["ssim"] >= RECOVERED_SSIM
     if proxies:
         long = pd.DataFrame(proxies)
         long["value"] = pd.to_numeric(long["value"], errors="coerce").astype(float)
@@ -73,14 +77,16 @@ def check_one_configuration(df: pd.DataFrame) -> None:
     """Refuse results in which one image was attacked more than once with the same loss on the same
     architecture (jobs of several study configurations, e.g. two step counts, in one database):
     correlations and rankings over them would count that image twice or pick one at random."""
-    if df.empty or not set(CELL) <= set(df.columns):
+    cell = [c for c in CELL if c in df.columns]  # ``weights`` may be absent from a hand-made table
+    if df.empty or not set(CELL) - {"weights"} <= set(cell):
         return
-    repeated = df[df.duplicated(CELL, keep=False)]
+    repeated = df[df.duplicated(cell, keep=False)]
     if repeated.empty:
         return
     first = repeated.iloc[0]
     studies = sorted({str(v) for v in repeated.get("study", pd.Series(dtype=str)).dropna()})
-    raise ConfigError(f"{repeated.groupby(CELL).ngroups} (image, architecture, loss) cells have results from more than "
-                      f"one configuration (e.g. image {int(first['image_index'])} on {first['arch']} with "
-                      f"{first['loss']}); studies involved: {', '.join(studies) or 'unnamed'}. Read one study "
-                      f"(--study NAME) or keep each configuration in its own database")
+    raise ConfigError(f"{repeated.groupby(cell).ngroups} (image, architecture, weights, loss) cells have results "
+                      f"from more than one configuration (e.g. image {int(first['image_index'])} on "
+                      f"{first['arch']} with {first['loss']}); studies involved: "
+                      f"{', '.join(studies) or 'unnamed'}. Read one study (--study NAME) or keep each "
+                      f"configuration in its own database")
