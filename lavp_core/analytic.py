@@ -829,6 +829,19 @@ class AnalyticAttack(AttackKind):
     summary = "closed-form reconstruction from the gradient's linear constraints (no optimisation)"
     studied = False
     settings = ()
+    has_loss_curve = False
+    note = ("R-CONV is analytical: it has no settings, solves linear systems layer by layer (no loss curve) "
+            "and inverts only chains of biased convolutions and linear layers, such as cnn-rconv and mlp-rconv.")
+
+    def check_model(self, model: nn.Module, image_shape: tuple[int, int, int]) -> None:
+        from .models import list_models
+
+        try:
+            check_rconv_supported(model, image_shape)
+        except UnsupportedModelError as exc:
+            supported = [m.name for m in list_models() if m.name.endswith("-rconv")]
+            raise UnsupportedModelError(f"{exc} Choose an architecture R-CONV inverts ({', '.join(supported)}) "
+                                        f"or another preset.") from exc
 
     def defaults(self, preset: AttackPreset) -> AttackRequest:
         return AttackRequest(preset.name)

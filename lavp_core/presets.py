@@ -109,6 +109,13 @@ class AttackKind(ABC):
     summary: ClassVar[str]
     studied: ClassVar[bool] = False  # a study (an attack per image, loss and model) can run it
     settings: ClassVar[tuple[str, ...]] = ()  # the AttackRequest fields it honours
+    has_loss_curve: ClassVar[bool] = True  # its snapshots carry a matching loss worth plotting
+    note: ClassVar[str] = ""  # what a user should know before running it (shown beside its settings)
+
+    def check_model(self, model: nn.Module, image_shape: tuple[int, int, int]) -> None:
+        """Raise a :class:`~lavp_core.errors.LavpError` saying what to choose instead when this kind
+        cannot attack ``model`` on (C, H, W) inputs; the default accepts every classifier."""
+        return None
 
     @abstractmethod
     def defaults(self, preset: AttackPreset) -> AttackRequest:

@@ -19,15 +19,9 @@ from .presets import (
     AttackOutcome,
     AttackRequest,
     get_preset,
-    list_presets,
 )
 
-__all__ = ["DIVERGED_WARNING", "AttackOutcome", "AttackRequest", "PresetRun", "load_all_presets", "run_preset"]
-
-
-def load_all_presets() -> list:
-    """Every registered preset (the same as :func:`lavp_core.presets.list_presets`)."""
-    return list_presets()
+__all__ = ["DIVERGED_WARNING", "AttackOutcome", "AttackRequest", "PresetRun", "run_preset"]
 
 
 class PresetRun:

@@ -15,14 +15,13 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from lavp_core.analytic import check_rconv_supported
-from lavp_core.attacks import get_preset
 from lavp_core.data import DatasetInfo
 from lavp_core.errors import LavpError
 from lavp_core.jobs import BackgroundAttack
 from lavp_core.losses import list_losses
 from lavp_core.metrics import score_reconstruction
-from lavp_core.runner import AttackRequest, PresetRun, load_all_presets
+from lavp_core.presets import AttackRequest, get_kind, get_preset, list_presets
+from lavp_core.runner import PresetRun
 from lavp_core.scenario import ScenarioConfig
 from lavp_ui.formatting import fmt, loss_curve, metrics_frame, proxies_frame, show_job_error, upscale
 from lavp_ui.routing import draw_through_app
@@ -82,10 +81,10 @@ def request_from_settings() -> AttackRequest:
     """The attack the widgets describe (read from the session state, so a callback sees the latest values)."""
     state = st.session_state
     name = state[K_PRESET]
-    if get_preset(name).kind == "analytic":
-        return AttackRequest(preset=name)
-    return AttackRequest(preset=name, loss=state[K_LOSS], steps=int(state[K_STEPS]), restarts=int(state[K_RESTARTS]),
-                         lr=float(state[K_LR]), tv_weight=float(state[K_TV]))
+    widgets = {"loss": state[K_LOSS], "steps": int(state[K_STEPS]), "restarts": int(state[K_RESTARTS]),
+               "lr": float(state[K_LR]), "tv_weight": float(state[K_TV])}
+    honoured = get_preset(name).attack_kind.settings
+    return AttackRequest(preset=name, **{k: v for k, v in widgets.items() if k in honoured})
 
 
 def start_attack() -> None:
@@ -105,16 +104,13 @@ def start_attack() -> None:
     try:
         scenario = load_scenario(config)
         preset = get_preset(request.preset)
-        if preset.kind == "analytic":
-            check_rconv_supported(scenario.model, scenario.info.image_shape)
+        preset.attack_kind.check_model(scenario.model, scenario.info.image_shape)
         steps = request.steps or preset.defaults().steps or 1  # R-CONV has no steps
         run = PresetRun(scenario.model, scenario.image, scenario.label, scenario.info, request,
                         generator=torch.Generator().manual_seed(int(config.seed)),
                         snapshot_every=max(1, steps // 60))
     except LavpError as exc:
-        hint = (" Choose the architecture cnn-rconv or mlp-rconv in the sidebar (R-CONV inverts only such "
-                "models), or another preset." if "rconv" in request.preset else "")
-        st.session_state[K_ERROR] = f"{exc}{hint}"
+        st.session_state[K_ERROR] = str(exc)
         return
     except Exception as exc:  # a bug: one line, not a traceback
         st.session_state[K_ERROR] = f"The attack could not start ({type(exc).__name__}: {exc})."
@@ -149,12 +145,12 @@ def render_live(record: AttackRecord) -> None:
     elif view.snapshot is not None:
         stage = getattr(view.snapshot, "stage", None)
         text = f"step {view.snapshot.step} / {view.snapshot.total_steps}" + (
-            f" · stage {stage}" if stage is not None and record.kind == "generative" else "")
+            f" · stage {stage}" if stage is not None else "")
         rec_col.image(upscale(view.snapshot.image01), caption=f"reconstruction, {text}", output_format="PNG")
     elif view.running:
         rec_col.info("starting…", icon=":material/hourglass_top:")
-    if record.kind == "analytic":
-        curve_col.caption("R-CONV solves linear systems layer by layer: there is no loss curve.")
+    if not get_kind(record.kind).has_loss_curve:
+        curve_col.caption(f"{record.request.preset}: no loss curve ({get_kind(record.kind).summary}).")
     elif view.history:
         curve_col.plotly_chart(loss_curve(view.history), config={"displayModeBar": False})
     loss_now = view.snapshot.matching_loss if view.snapshot is not None else math.nan
@@ -221,26 +217,27 @@ st.title("Attack")
 st.caption(f"Client image: {scenario.description} · model {scenario.config.arch} "
            f"({describe_config(scenario.config)})")
 
-presets = {p.name: p for p in load_all_presets()}
+presets = {p.name: p for p in list_presets()}
 if K_PRESET not in st.session_state:
     st.session_state[K_PRESET] = "lavp-paper"
     apply_preset_defaults()
 name = st.selectbox("Preset", list(presets), key=K_PRESET, on_change=apply_preset_defaults,
                     format_func=lambda n: f"{n}: {presets[n].description}")
 preset = presets[name]
-fixed = preset.kind == "analytic"
+honoured = preset.attack_kind.settings  # widgets for settings this kind does not have are greyed out
 cols = st.columns(5)
-cols[0].radio("Matching loss", [loss.name for loss in list_losses()], key=K_LOSS, disabled=fixed,
-                     help="l2: ½‖g − g*‖² (DLG); cos: 1 − cosine over all layers (Inverting Gradients)")
-cols[1].number_input("Steps", min_value=1, max_value=20_000, step=50, key=K_STEPS, disabled=fixed,
-                             help="GIFD: the total over its stages; DLG/iDLG: L-BFGS steps of 20 iterations")
+cols[0].radio("Matching loss", [loss.name for loss in list_losses()], key=K_LOSS, disabled="loss" not in honoured,
+              help="l2: ½‖g − g*‖² (DLG); cos: 1 − cosine over all layers (Inverting Gradients)")
+cols[1].number_input("Steps", min_value=1, max_value=20_000, step=50, key=K_STEPS, disabled="steps" not in honoured,
+                     help="GIFD: the total over its stages; DLG/iDLG: L-BFGS steps of 20 iterations")
 cols[2].number_input("Learning rate", min_value=1e-5, max_value=10.0, format="%.4g", key=K_LR,
-                          disabled=fixed)
-cols[3].select_slider("TV weight", TV_CHOICES, key=K_TV, disabled=fixed, format_func=lambda v: f"{v:g}")
-cols[4].number_input("Restarts", min_value=1, max_value=16, step=1, key=K_RESTARTS, disabled=fixed,
-                                help="random starts; the best final matching loss wins")
-if fixed:
-    st.caption("R-CONV is analytical: it has no settings and needs the cnn-rconv or mlp-rconv architecture.")
+                     disabled="lr" not in honoured)
+cols[3].select_slider("TV weight", TV_CHOICES, key=K_TV, disabled="tv_weight" not in honoured,
+                      format_func=lambda v: f"{v:g}")
+cols[4].number_input("Restarts", min_value=1, max_value=16, step=1, key=K_RESTARTS,
+                     disabled="restarts" not in honoured, help="random starts; the best final matching loss wins")
+if preset.attack_kind.note:
+    st.caption(preset.attack_kind.note)
 request = request_from_settings()
 
 record: AttackRecord | None = st.session_state.get(K_RECORD)

@@ -100,7 +100,7 @@ def test_results_of_two_configurations_for_one_cell_are_refused():
     rows = [{"dataset": "photos", "loss": "l2", "arch": "lenet", "image_index": i, "study": name, "mse": 0.1 * i,
              "exact_grad_norm": float(i)} for name in ("short", "long") for i in range(4)]
     df = pd.DataFrame(rows)
-    with pytest.raises(ConfigError, match="4 .image, architecture, weights, loss. cells .* studies involved: long, short"):
+    with pytest.raises(ConfigError, match="4 .image, architecture, weights, loss. cells .* involved: long, short"):
         spearman_table(df, proxies=["grad_norm"], scores=["mse"])
     with pytest.raises(ConfigError, match="more than one configuration"):
         rankings(df, [0, 1, 2], proxies=["grad_norm"])

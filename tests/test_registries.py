@@ -127,3 +127,13 @@ def test_a_new_kind_is_one_class_and_its_registration(monkeypatch, photos_val, l
     assert run.outcome.kind == "oracle-test" and run.outcome.reconstruction.shape == x.shape
     with pytest.raises(ConfigError, match="not registered"):
         add_preset(AttackPreset("orphan", "test", "no-such-kind"))
+
+
+def test_a_kind_refuses_a_model_it_cannot_attack_and_names_what_to_choose(lenet):
+    from lavp_core.errors import UnsupportedModelError
+    from lavp_core.presets import get_preset
+
+    with pytest.raises(UnsupportedModelError, match=r"Choose an architecture R-CONV inverts \(cnn-rconv, mlp-rconv\)"):
+        get_preset("rconv").attack_kind.check_model(lenet, (3, 32, 32))
+    get_preset("rconv").attack_kind.check_model(create_model("cnn-rconv", 10, seed=0), (3, 32, 32))
+    get_preset("ig").attack_kind.check_model(lenet, (3, 32, 32))  # the engine attacks any classifier
