@@ -834,20 +834,25 @@ class AnalyticAttack(AttackKind):
             "and inverts only chains of biased convolutions and linear layers, such as cnn-rconv and mlp-rconv.")
 
     def check_model(self, model: nn.Module, image_shape: tuple[int, int, int]) -> None:
-        from .models import list_models
-
         try:
             check_rconv_supported(model, image_shape)
         except UnsupportedModelError as exc:
-            supported = [m.name for m in list_models() if m.name.endswith("-rconv")]
-            raise UnsupportedModelError(f"{exc} Choose an architecture R-CONV inverts ({', '.join(supported)}) "
-                                        f"or another preset.") from exc
+            raise _with_choice(exc) from exc
 
     def defaults(self, preset: AttackPreset) -> AttackRequest:
         return AttackRequest(preset.name)
 
     def start(self, preset, model, image, label, info, request, *, generator, device, snapshot_every):
         return _RConvRun(preset, model, image, label, info, device)
+
+
+def _with_choice(exc: UnsupportedModelError) -> UnsupportedModelError:
+    """``exc`` with what to choose instead: the registered architectures R-CONV inverts."""
+    from .models import list_models
+
+    supported = [m.name for m in list_models() if m.name.endswith("-rconv")]
+    return UnsupportedModelError(f"{exc} Choose an architecture R-CONV inverts ({', '.join(supported)}) or "
+                                 f"another preset.")
 
 
 class _RConvRun:
@@ -867,7 +872,10 @@ class _RConvRun:
 
     def __iter__(self) -> Iterator[AttackSnapshot]:
         tic = time.perf_counter()
-        result = reconstruct_rconv(self.model, self.update, device=self.device)
+        try:
+            result = reconstruct_rconv(self.model, self.update, device=self.device)
+        except UnsupportedModelError as exc:  # e.g. too few constraints for this model's layers
+            raise _with_choice(exc) from exc
         seconds = time.perf_counter() - tic
         image01 = self.info.denormalize(result.reconstruction[0].float()).cpu()
         yield AttackSnapshot(1, 1, math.nan, (math.nan,), image01, None)

@@ -129,11 +129,16 @@ def test_a_new_kind_is_one_class_and_its_registration(monkeypatch, photos_val, l
         add_preset(AttackPreset("orphan", "test", "no-such-kind"))
 
 
-def test_a_kind_refuses_a_model_it_cannot_attack_and_names_what_to_choose(lenet):
+def test_a_kind_refuses_a_model_it_cannot_attack_and_names_what_to_choose(lenet, photos_val):
     from lavp_core.errors import UnsupportedModelError
     from lavp_core.presets import get_preset
 
-    with pytest.raises(UnsupportedModelError, match=r"Choose an architecture R-CONV inverts \(cnn-rconv, mlp-rconv\)"):
-        get_preset("rconv").attack_kind.check_model(lenet, (3, 32, 32))
+    choose = r"Choose an architecture R-CONV inverts \(cnn-rconv, mlp-rconv\)"
+    with pytest.raises(UnsupportedModelError, match=choose):  # batch norm: refused before running
+        get_preset("rconv").attack_kind.check_model(create_model("vgg9", 10, seed=0), (3, 32, 32))
+    x = photos_val.info.normalize(photos_val[0][0])[None]
+    with pytest.raises(UnsupportedModelError, match=choose):  # lenet passes the layer check, fails on rank
+        run_preset(lenet, x, photos_val.label(0), photos_val.info, AttackRequest("rconv"),
+                   generator=torch.Generator())
     get_preset("rconv").attack_kind.check_model(create_model("cnn-rconv", 10, seed=0), (3, 32, 32))
     get_preset("ig").attack_kind.check_model(lenet, (3, 32, 32))  # the engine attacks any classifier
