@@ -5,6 +5,8 @@
 * ``weights="random"`` and a ``seed``: parameters drawn from an explicit ``torch.Generator``
   (identical on every machine; the global generator is never touched), or
 * ``weights="trained"``: the bundled checkpoint ``assets/checkpoints/<arch>-<dataset>.pt``, or
+* ``weights="trained@E"``: the snapshot a training run kept after epoch ``E`` (``E = 0``: the
+  initialisation it started from), ``assets/checkpoints/<arch>-<dataset>-epoch<E>.pt``, or
 * ``weights=<path>``: any checkpoint file, loaded with ``torch.load(..., weights_only=True)``.
   A checkpoint that does not fit the architecture is refused with the keys and shapes that differ.
 """
@@ -231,6 +233,61 @@ def trained_checkpoint_path(arch: str, dataset: str) -> Path:
     return CHECKPOINT_DIR / f"{arch}-{dataset}.pt"
 
 
+def snapshot_path(checkpoint: str | os.PathLike, epoch: int) -> Path:
+    """The snapshot of epoch ``epoch`` kept beside ``checkpoint``: ``<stem>-epoch<E>.pt``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}-epoch{int(epoch)}.pt")
+
+
+def snapshot_epoch(weights: str) -> int | None:
+    """The epoch named by ``weights="trained@E"`` (``None`` for any other weights); ``ConfigError`` for
+    a malformed one."""
+    if not weights.startswith("trained@"):
+        return None
+    text = weights.split("@", 1)[1]
+    if not text.isdigit():
+        raise ConfigError(f"weights {weights!r}: after 'trained@' give an epoch number, e.g. trained@5")
+    return int(text)
+
+
+def available_snapshots(arch: str, dataset: str) -> list[int]:
+    """Epochs with a bundled snapshot of ``arch`` trained on ``dataset``, ascending."""
+    stem = trained_checkpoint_path(arch, dataset).stem
+    found = []
+    for path in CHECKPOINT_DIR.glob(f"{stem}-epoch*.pt"):
+        tail = path.stem[len(stem) + len("-epoch"):]
+        if tail.isdigit():
+            found.append(int(tail))
+    return sorted(found)
+
+
+def checkpoint_for(name: str, weights: str, dataset: str | None) -> Path:
+    """The checkpoint file that ``weights`` (``trained``, ``trained@E`` or a path) names for ``name``."""
+    if not weights.startswith("trained"):
+        return Path(weights)
+    if dataset is None:
+        raise ConfigError(f"weights={weights!r} needs the dataset the checkpoint was trained on")
+    path = trained_checkpoint_path(name, dataset)
+    epoch = snapshot_epoch(weights)
+    if epoch is not None:
+        snapshot = snapshot_path(path, epoch)
+        if not snapshot.is_file():
+            have = available_snapshots(name, dataset)
+            raise CheckpointError(
+                f"no snapshot of {name} on {dataset} at epoch {epoch} ({snapshot} is missing); "
+                + (f"available: {', '.join(f'trained@{e}' for e in have)}" if have else
+                   f"keep some with 'python -m lavp_core train --arch {name} --dataset {dataset} --snapshots 0,1,5'"))
+        return snapshot
+    if weights != "trained":
+        raise ConfigError(f"unknown weights {weights!r}: use random, trained, trained@EPOCH or a checkpoint path")
+    if not path.is_file():
+        raise CheckpointError(
+            f"no trained checkpoint for {name} on {dataset} ({path} is missing); train one with "
+            f"'python -m lavp_core train --arch {name} --dataset {dataset} --out {path}' "
+            f"or use --weights random")
+    return path
+
+
 def read_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Read a checkpoint (a state dict, or a dict with a ``state_dict`` entry) with ``weights_only=True``."""
     path = Path(path)
@@ -279,7 +336,8 @@ def create_model(name: str, num_classes: int, *, weights: str = "random", seed: 
         name: registry name (see :func:`list_models`).
         num_classes: size of the output layer.
         weights: ``"random"`` (drawn from ``seed``), ``"trained"`` (bundled checkpoint for
-            ``dataset``) or the path of a checkpoint file.
+            ``dataset``), ``"trained@E"`` (its training run's snapshot after epoch E) or the path of a
+            checkpoint file.
         seed: seed of the ``torch.Generator`` used for random weights.
         in_channels: input channels (3 for every bundled dataset).
         dataset: dataset name, needed for ``weights="trained"``.
@@ -290,17 +348,7 @@ def create_model(name: str, num_classes: int, *, weights: str = "random", seed: 
     if weights == "random":
         init_random(model, torch.Generator(device="cpu").manual_seed(int(seed)), spec.init)
     else:
-        if weights == "trained":
-            if dataset is None:
-                raise ConfigError("weights='trained' needs the dataset the checkpoint was trained on")
-            path = trained_checkpoint_path(name, dataset)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"no trained checkpoint for {name} on {dataset} ({path} is missing); train one with "
-                    f"'python -m lavp_core train --arch {name} --dataset {dataset} --out {path}' "
-                    f"or use --weights random")
-        else:
-            path = Path(weights)
+        path = checkpoint_for(name, weights, dataset)
         init_random(model, torch.Generator(device="cpu").manual_seed(0), spec.init)  # no garbage memory
         load_state_checked(model, read_state_dict(path), str(path), name)
     return model.to(device).eval()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .data import ImageSet, load_dataset
 from .errors import ConfigError
 from .hashing import sha256_file as sha256_of  # the one file hash; train_generator imports it from here
-from .models import create_model
+from .models import create_model, snapshot_path
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,20 @@ def evaluate_accuracy(model: torch.nn.Module, dataset: ImageSet, device, batch_s
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, device: torch.device | str = "cpu",
-          resume: bool = False, command: str = "",
+          resume: bool = False, command: str = "", snapshots: tuple[int, ...] = (),
           progress: Callable[[EpochReport], None] | None = None,
           batch_progress: Callable[[int, int, float, float], None] | None = None) -> dict:
     """Train, save ``out`` (state dict) and the record beside it (``.json``); return the record.
 
-    ``progress`` is called after every epoch, ``batch_progress(step, steps, loss, acc)`` after every
-    batch (for a progress bar).
+    ``snapshots``: epochs after which the model is also kept, as ``<out stem>-epoch<E>.pt`` with its own
+    provenance JSON (command, epoch, validation accuracy, SHA-256); epoch 0 is the initialisation the run
+    starts from. ``progress`` is called after every epoch, ``batch_progress(step, steps, loss, acc)``
+    after every batch (for a progress bar).
     """
     config = config.validated()
+    snapshots = tuple(sorted({int(e) for e in snapshots}))
+    if any(e < 0 or e > config.epochs for e in snapshots):
+        raise ConfigError(f"snapshot epochs must lie in 0..{config.epochs} (the run's epochs), got {list(snapshots)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(out.suffix + ".partial")
@@ -116,6 +121,13 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: torch.device |
         start_epoch, elapsed, history = int(state["epoch"]), float(state["elapsed"]), list(state["history"])
     n = len(train_set)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
+
+    def keep_snapshot(epoch: int) -> None:
+        if epoch in snapshots:
+            _save_snapshot(model, snapshot_path(out, epoch), config, epoch, val_set, device, command)
+
+    if start_epoch == 0:
+        keep_snapshot(0)
     for epoch in range(start_epoch, config.epochs):
         tic = time.perf_counter()
         order = torch.randperm(n, generator=generator)
@@ -142,6 +154,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: torch.device |
         elapsed += time.perf_counter() - tic
         report = EpochReport(epoch + 1, config.epochs, total_loss / seen, correct / seen, val_acc, elapsed)
         history.append([report.epoch, report.train_loss, report.train_accuracy, report.val_accuracy])
+        keep_snapshot(epoch + 1)  # before the resumable state, so a resumed run never lacks one
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "epoch": epoch + 1, "elapsed": elapsed, "history": history,
@@ -160,6 +173,17 @@ def train(config: TrainConfig, out: str | os.PathLike, *, device: torch.device |
     if partial.is_file():
         partial.unlink()
     return record
+
+
+def _save_snapshot(model: torch.nn.Module, path: Path, config: TrainConfig, epoch: int, val_set: ImageSet,
+                   device, command: str) -> None:
+    """Keep the model as it is after ``epoch`` epochs, with its provenance beside it."""
+    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, path)
+    record = {"command": command, "arch": config.arch, "dataset": config.dataset, "epoch": epoch,
+              "epochs": config.epochs, "config": asdict(config),
+              "val_accuracy": evaluate_accuracy(model, val_set, device), "sha256": sha256_of(path),
+              "torch": torch.__version__}
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _config_fingerprint(config: TrainConfig) -> str:

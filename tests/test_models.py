@@ -64,3 +64,36 @@ def test_unreadable_and_missing_checkpoints(tmp_path):
 def test_unknown_architecture():
     with pytest.raises(ConfigError, match="lenet"):
         create_model("vit", 10)
+
+
+def test_training_keeps_snapshots_and_weights_name_them(tmp_path, monkeypatch):
+    """Epoch 0 is the initialisation the run starts from; trained@E loads the model after epoch E; a
+    snapshot of another architecture is refused; a missing epoch names the ones there are."""
+    import json
+
+    from lavp_core import models
+    from lavp_core.errors import CheckpointError
+    from lavp_core.train import TrainConfig, train
+
+    monkeypatch.setattr(models, "CHECKPOINT_DIR", tmp_path)
+    out = models.trained_checkpoint_path("lenet", "photos")
+    config = TrainConfig(arch="lenet", dataset="photos", epochs=2, batch_size=64, seed=3)
+    train(config, out, snapshots=(0, 2), command="test")
+    init = create_model("lenet", 10, seed=3)  # what training starts from: seed 3's random weights
+    first = create_model("lenet", 10, weights="trained@0", dataset="photos")
+    for (name, a), b in zip(init.state_dict().items(), first.state_dict().values()):
+        assert torch.equal(a, b), name
+    last = create_model("lenet", 10, weights="trained@2", dataset="photos")
+    final = create_model("lenet", 10, weights="trained", dataset="photos")
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), last.state_dict().values()))
+    record = json.loads((tmp_path / "lenet-photos-epoch2.json").read_text())
+    assert record["epoch"] == 2 and record["arch"] == "lenet" and len(record["sha256"]) == 64
+    assert models.available_snapshots("lenet", "photos") == [0, 2]
+    with pytest.raises(CheckpointError, match="available: trained@0, trained@2"):
+        create_model("lenet", 10, weights="trained@1", dataset="photos")
+    (tmp_path / "resnet8-photos-epoch0.pt").write_bytes((tmp_path / "lenet-photos-epoch0.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="does not fit architecture 'resnet8'"):
+        create_model("resnet8", 10, weights="trained@0", dataset="photos")
+    with pytest.raises(ConfigError, match="give an epoch number"):
+        create_model("lenet", 10, weights="trained@last", dataset="photos")

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from ..errors import ConfigError
 from .base import command, default_device
 
 
@@ -19,6 +20,8 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="folder of CIFAR or an image folder")
     p.add_argument("--out", default=None, help="checkpoint path (default assets/checkpoints/<arch>-<dataset>.pt)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.partial if present")
+    p.add_argument("--snapshots", default="", help="also keep the model after these epochs, e.g. 0,1,5,40 "
+                   "(0 = the initialisation), as <out stem>-epoch<E>.pt; study with --weights trained@E")
     p.add_argument("--device", default=None)
 
 
@@ -46,8 +49,13 @@ def train_command(args) -> int:
                   f"train acc {report.train_accuracy:.3f}  val acc {report.val_accuracy:.3f}  "
                   f"{report.seconds:.0f} s")
 
+    try:
+        snapshots = tuple(int(e) for e in args.snapshots.split(",") if e.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--snapshots takes epoch numbers separated by commas, e.g. 0,1,5,40; got "
+                          f"{args.snapshots!r}") from exc
     record = train(config, out, device=default_device(args.device), resume=args.resume, command=cmd,
-                   progress=on_epoch, batch_progress=on_batch)
+                   snapshots=snapshots, progress=on_epoch, batch_progress=on_batch)
     bar.close()
     print(f"saved {out}  val accuracy {record['val_accuracy']:.3f}  sha256 {record['sha256'][:12]}")
     return 0
