@@ -401,7 +401,10 @@ class ResultStore:
         if self.readonly:
             raise StoreError(f"{self.path} was opened read-only; open it with readonly=False to write")
 
-    def _transaction(self):
+    def transaction(self):
+        """``with store.transaction():`` runs its statements (on ``store.conn``) in one ``BEGIN
+        IMMEDIATE`` transaction, committed at the end and rolled back on an exception (writers only)."""
+        self._require_writer()
         return _Immediate(self.conn, self.path)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -411,7 +414,7 @@ class ResultStore:
         self._require_writer()
         now = utc_now()
         keys = [(study_key, key) for key in job_keys]
-        with self._transaction():
+        with self.transaction():
             self.conn.execute("INSERT INTO studies (study_key, name, config_json, created_at, updated_at) "
                               "VALUES (?, ?, ?, ?, ?) ON CONFLICT (study_key) DO UPDATE SET updated_at = "
                               "excluded.updated_at", (study_key, name, config_json, now, now))
@@ -435,7 +438,7 @@ class ResultStore:
         values = {c: _sql_value(row.get(c)) for c in JOB_COLUMNS}
         values["created_at"] = values["created_at"] or utc_now()
         key = values["job_key"]
-        with self._transaction():
+        with self.transaction():
             found = self.conn.execute("SELECT status FROM jobs WHERE job_key = ?", (key,)).fetchone()
             if found is not None and found["status"] == "done":
                 return WriteOutcome("kept", "done")
