@@ -429,6 +429,8 @@ register_preset(AttackPreset(
     AttackConfig(loss="cos", optimizer="adam", lr=0.1, steps=4800, schedule="step", tv_weight=1e-4,
                  signed=True, boxed=True, init="randn")))
 register_preset(AttackPreset(
-    "lavp-paper", "The LAVP paper's protocol: chosen loss + TV, Adam, best of 3 seeds", "optimisation",
-    AttackConfig(loss="cos", optimizer="adam", lr=0.1, steps=1000, schedule="step", tv_weight=1e-4,
+    "lavp-paper", "The LAVP paper's protocol as its text states it: the chosen matching loss + TV 1e-4, Adam "
+    "(lr 0.1, constant), boxed, best of 3 seeds; 1000 steps (the paper does not state its budget)",
+    "optimisation",
+    AttackConfig(loss="cos", optimizer="adam", lr=0.1, steps=1000, schedule="none", tv_weight=1e-4,
                  boxed=True, init="randn", restarts=3)))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from scipy import stats
 
@@ -26,6 +27,7 @@ from lavp_core.metrics import lpips_status
 from lavp_core.study import (
     MEAN_ARCH,
     StudyConfig,
+    check_one_configuration,
     failed_outcome,
     get_executor,
     list_executors,
@@ -497,3 +499,36 @@ def test_report_refuses_bad_databases(tmp_path, capsys):
     assert "another program" in capsys.readouterr().err
     assert cli.main(["report", "--db", str(tmp_path / "missing.sqlite")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_study_over_two_snapshots_stores_both_keyed_apart(tmp_path, monkeypatch, one_thread):
+    """Model state as a study dimension: two snapshots of one architecture are two cells per image."""
+    import dataclasses
+
+    from lavp_core import models
+
+    monkeypatch.setattr(models, "CHECKPOINT_DIR", tmp_path)
+    for epoch, seed in ((0, 1), (3, 2)):  # two model states of lenet "trained" on photos
+        torch.save(models.create_model("lenet", 10, seed=seed).state_dict(), tmp_path / f"lenet-photos-epoch{epoch}.pt")
+    config = dataclasses.replace(TINY, name="snapshots", images=(3,), archs=("lenet",),
+                                 weights=("trained@0", "trained@3"), losses=("cos",))
+    plan = plan_study(config)
+    assert [j.weights for j in plan.jobs] == ["trained@0", "trained@3"]
+    assert len({j.key for j in plan.jobs}) == 2 and len({j.proxy_key for j in plan.jobs}) == 2
+    assert plan.jobs[0].weights_sha256 != plan.jobs[1].weights_sha256
+    db = tmp_path / "snap.sqlite"
+    run_study(plan, db, workers=0, progress=False)
+    df = load_results(db)
+    assert sorted(df["weights"]) == ["trained@0", "trained@3"] and df["job_key"].is_unique
+    check_one_configuration(df)  # two states of one model are two cells, not a repeated one
+    assert df.set_index("weights")["paper_grad_norm"].nunique() == 2  # each state's own gradient
+
+
+def test_an_unset_schedule_keeps_older_study_keys_and_a_set_one_changes_the_attack():
+    import dataclasses
+
+    plan = plan_study(TINY)
+    assert '"schedule"' not in plan.config_json
+    stepped = plan_study(dataclasses.replace(TINY, schedule="step"))
+    assert stepped.study_key != plan.study_key
+    assert {j.attack.schedule for j in stepped.jobs} == {"step"} and {j.attack.schedule for j in plan.jobs} == {"none"}

@@ -68,7 +68,9 @@ def _configure_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="photos", help="dataset name (see 'list'); default photos")
     p.add_argument("--split", default="val", choices=("val", "train"))
     p.add_argument("--archs", default="lenet,resnet8", help="comma-separated architectures; default lenet,resnet8")
-    p.add_argument("--weights", default="trained", help="'trained' (default), 'random' or a checkpoint path")
+    p.add_argument("--weights", default="trained",
+                   help="'trained' (default), 'trained@E' (the training run's snapshot after epoch E), 'random' or a "
+                        "checkpoint path; several, comma-separated, make the grid span those model states")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights, the image draw and attack starts")
     p.add_argument("--losses", default="l2,cos", help="comma-separated attack losses; default l2,cos")
     p.add_argument("--images", default="100", help="a count N (N images drawn with --seed) or indices 0,5,9")
@@ -77,6 +79,9 @@ def _configure_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restarts", type=int, default=None, help="attack restarts, overriding the preset's")
     p.add_argument("--lr", type=float, default=None, help="attack learning rate, overriding the preset's")
     p.add_argument("--tv", type=float, default=None, help="TV prior weight, overriding the preset's")
+    p.add_argument("--schedule", choices=("none", "step"), default=None,
+                   help="attack learning-rate schedule, overriding the preset's: none (constant) or step "
+                        "(x0.1 at 3/8, 5/8, 7/8 of the steps)")
     p.add_argument("--proxy-losses", default=None, help="losses whose LAVP is computed (default: --losses)")
     p.add_argument("--flavours", default="exact,paper",
                    help="proxy flavours: exact (certified solver) and/or paper (the paper's recipe)")
@@ -101,6 +106,12 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _weights(text: str) -> str | tuple[str, ...]:
+    """One model state stays a string (so older studies keep their keys); several become a tuple."""
+    names = _split_names(text) or (text,)
+    return names[0] if len(names) == 1 else names
+
+
 @command("study", "run a grid of attacks and proxies (image x architecture x loss) into a SQLite database",
          _configure_study)
 def study_command(args) -> int:
@@ -115,9 +126,9 @@ def study_command(args) -> int:
     if args.tol is not None:
         solver = replace(solver, tol=args.tol)
     config = StudyConfig(name=args.name, dataset=args.dataset, split=args.split, images=parse_images(args.images),
-                         archs=_split_names(args.archs), weights=args.weights, seed=args.seed,
+                         archs=_split_names(args.archs), weights=_weights(args.weights), seed=args.seed,
                          losses=_split_names(args.losses), preset=args.preset, steps=args.steps,
-                         restarts=args.restarts, lr=args.lr, tv_weight=args.tv,
+                         restarts=args.restarts, lr=args.lr, tv_weight=args.tv, schedule=args.schedule,
                          proxy_losses=_split_names(args.proxy_losses), flavours=_split_names(args.flavours),
                          exact_method=args.exact_method, solver=solver, data_root=args.data_root,
                          store_images=not args.no_images)

@@ -26,7 +26,9 @@ FLAVOURS: tuple[Flavour, ...] = get_args(Flavour)
 ExactMethod = Literal["exact", "lanczos", "auto"]
 """The solver of the ``exact`` flavour: the dense Hessian, matrix-free Lanczos, or chosen by size."""
 EXACT_METHODS: tuple[ExactMethod, ...] = get_args(ExactMethod)
-JOB_FORMAT = 1  # part of every job key: bump when the meaning of a stored row changes
+JOB_FORMAT = 2  # part of every job key: bump when the meaning of a stored row changes
+# 2: the paper recipe's and Lanczos' random start vectors are drawn per (loss, extreme), so a proxy no
+#    longer depends on which other losses were requested (format-1 rows used one shared generator)
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,13 @@ class StudyConfig:
         dataset: registry name of the dataset; ``split`` its split (``val`` as in the paper).
         images: a count N (N images drawn without replacement by a generator seeded with ``seed``,
             sorted; every image when N is at least the split's size) or explicit image indices.
-        archs: architecture names; ``weights``: ``"trained"``, ``"random"`` or a checkpoint path.
+        archs: architecture names; ``weights``: ``"trained"``, ``"trained@E"`` (a training run's snapshot
+            after epoch E), ``"random"`` or a checkpoint path, or several of them (a tuple): the grid then
+            spans those model states.
         seed: seed of random weights, of the image draw and of the attacks' random starts.
         losses: the attack's matching losses (one job per loss).
         preset: an optimisation attack preset (``lavp-paper`` by default); ``steps``, ``restarts``,
-            ``lr`` and ``tv_weight`` override its settings when given.
+            ``lr``, ``tv_weight`` and ``schedule`` (``none`` or ``step``) override its settings when given.
         proxy_losses: the losses whose Hessian eigenvalues are computed (default: ``losses``); the
             paper's ``fusion`` needs ``l2`` and ``cos``.
         flavours: which proxy flavours to compute: ``exact`` and/or ``paper`` (:data:`FLAVOURS`).
@@ -58,7 +62,7 @@ class StudyConfig:
     split: str = "val"
     images: int | tuple[int, ...] = 100
     archs: tuple[str, ...] = ("lenet", "resnet8")
-    weights: str = "trained"
+    weights: str | tuple[str, ...] = "trained"
     seed: int = 0
     losses: tuple[str, ...] = ("l2", "cos")
     preset: str = "lavp-paper"
@@ -66,6 +70,7 @@ class StudyConfig:
     restarts: int | None = None
     lr: float | None = None
     tv_weight: float | None = None
+    schedule: str | None = None
     proxy_losses: tuple[str, ...] | None = None
     flavours: tuple[Flavour, ...] = FLAVOURS
     exact_method: ExactMethod = "exact"
@@ -158,6 +163,8 @@ def study_config_dict(config: StudyConfig, images: Sequence[int]) -> dict:
     """The study configuration as a JSON-ready dict, with the image indices resolved."""
     out = dataclasses.asdict(config)
     out["images"] = list(images)
+    if out["schedule"] is None:  # settings added later stay out of older studies' keys when unset
+        del out["schedule"]
     # only the solver settings that can change a stored value identify the study (as for its jobs)
     out["solver"] = keyed_solver_settings(config.solver, config.flavours, config.exact_method)
     return out
@@ -207,7 +214,7 @@ def plan_study(config: StudyConfig) -> StudyPlan:
     from ..attacks import preset_config
     from ..data import load_dataset
     from ..losses import get_loss
-    from ..models import model_spec, trained_checkpoint_path
+    from ..models import checkpoint_for, model_spec
     from ..presets import get_preset, list_presets
     from ..scenario import ScenarioConfig, build_model
 
@@ -239,21 +246,20 @@ def plan_study(config: StudyConfig) -> StudyPlan:
         raise ConfigError(f"preset {preset.name!r} is a {preset.kind} attack, which studies do not run: "
                           f"choose one of {studied}")
     attacks = {loss: preset_config(config.preset, loss=loss, steps=config.steps, restarts=config.restarts,
-                                   lr=config.lr, tv_weight=config.tv_weight) for loss in losses}
+                                   lr=config.lr, tv_weight=config.tv_weight, schedule=config.schedule)
+               for loss in losses}
+    weights_list = _names(config.weights, "weights")
     dataset = load_dataset(config.dataset, config.split, root=config.data_root)
     images = _image_indices(config, len(dataset))
 
-    weights_sha: dict[str, str | None] = {}
+    weights_sha: dict[tuple[str, str], str | None] = {}
     for arch in archs:  # build each model once: unknown or ill-fitting checkpoints fail here
-        scenario = ScenarioConfig(dataset=config.dataset, arch=arch, weights=config.weights, seed=config.seed,
-                                  split=config.split, data_root=config.data_root)
-        build_model(scenario, dataset.info)
-        if config.weights == "random":
-            weights_sha[arch] = None
-        elif config.weights == "trained":
-            weights_sha[arch] = sha256_file(trained_checkpoint_path(arch, config.dataset))
-        else:
-            weights_sha[arch] = sha256_file(config.weights)
+        for weights in weights_list:
+            scenario = ScenarioConfig(dataset=config.dataset, arch=arch, weights=weights, seed=config.seed,
+                                      split=config.split, data_root=config.data_root)
+            build_model(scenario, dataset.info)
+            weights_sha[arch, weights] = (None if weights == "random" else
+                                          sha256_file(checkpoint_for(arch, weights, config.dataset)))
 
     proxy_settings = {"losses": list(proxy_losses), "flavours": list(flavours),
                       "exact_method": config.exact_method if "exact" in flavours else None,
@@ -261,9 +267,9 @@ def plan_study(config: StudyConfig) -> StudyPlan:
     jobs = []
     for index in images:
         attack_seed = derive_seed("attack-start", config.seed, config.dataset, config.split, index)
-        for arch in archs:
+        for arch, weights in ((a, w) for a in archs for w in weights_list):
             scenario_part = {"format": JOB_FORMAT, "dataset": config.dataset, "split": config.split, "index": index,
-                             "arch": arch, "weights": config.weights, "weights_sha256": weights_sha[arch],
+                             "arch": arch, "weights": weights, "weights_sha256": weights_sha[arch, weights],
                              "seed": int(config.seed)}
             proxy_key = sha256_text(canonical_json({**scenario_part, "proxies": proxy_settings}))
             for loss in losses:
@@ -272,7 +278,7 @@ def plan_study(config: StudyConfig) -> StudyPlan:
                               "proxies": proxy_settings}
                 text = canonical_json(job_config)
                 jobs.append(Job(sha256_text(text), proxy_key, text, str(config.name), config.dataset, config.split,
-                                index, arch, config.weights, weights_sha[arch], int(config.seed), loss, preset.name,
+                                index, arch, weights, weights_sha[arch, weights], int(config.seed), loss, preset.name,
                                 attacks[loss], attack_seed, proxy_losses, flavours, config.exact_method,
                                 config.solver, config.data_root, config.store_images))
     config_json = canonical_json(study_config_dict(config, images))
