@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, DatasetError, ImageError
 
@@ -364,23 +366,88 @@ def _build_cifar100(split: str, root, download: bool = False, **_) -> ImageSet:
 # image folders and single images
 
 
-def _to_rgb_array(image: Image.Image, source: str) -> np.ndarray:
-    """RGB uint8 array (H, W, 3) from a PIL image; grey is repeated, alpha composited on white."""
+#: The largest image :func:`load_image` decodes by default, in pixels (width x height): 50 megapixels, e.g.
+#: 8192 x 6104, above every camera photo in common use. An image is decoded in full before it is reduced
+#: to the model's resolution, at up to 4 bytes per pixel (RGBA, 16-bit grey, 32-bit integer or float),
+#: so this bounds the memory one image takes to about 200 MB. The size is read from the file's header and
+#: checked before anything is decoded: a decompression bomb (a 20,000 x 20,000 PNG compresses to about
+#: 1 MB) is refused without allocating its pixels. Callers serving many users pass a lower ``max_pixels``
+#: (the app does).
+MAX_IMAGE_PIXELS = 50_000_000
+#: Images above this many pixels are first reduced by an integer factor in their own mode (JPEGs are
+#: decoded at a reduced scale), keeping at least :data:`REDUCE_MARGIN` times the output size on the short
+#: side, so that the colour conversion and the resampling never work on the full-size pixels.
+REDUCE_ABOVE_PIXELS = 4_000_000
+REDUCE_MARGIN = 4
+_WHITE_16 = 65535.0  # the white level of 16-bit images (Pillow's I;16* modes, and I images holding them)
+_COLOUR_MODES = ("RGBX", "CMYK", "YCbCr", "LAB", "HSV")  # 8-bit, no alpha: Pillow's own conversion to RGB
+_ALPHA_MODES = ("LA", "La", "PA", "P", "RGBA", "RGBa")  # 8-bit with (or possibly with) transparency
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of an RGBA uint8 (H, W, 4) image laid on white: c·a + 255·(1 − a), rounded
+    (integer arithmetic: n / 255 is never exactly halfway, so this is round-to-nearest)."""
+    colour = rgba[..., :3].astype(np.int32)
+    alpha = rgba[..., 3:4].astype(np.int32)
+    return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _decode_pixels(image: Image.Image, source: str) -> np.ndarray:
+    """The pixels of a decoded PIL image as RGB: uint8 (H, W, 3) for 8-bit images, float32 (H, W, 3) in
+    [0, 1] for deeper ones. Grey is repeated; transparency is composited on white; 16-bit images are
+    scaled by 65535; float images must already lie in [0, 1]."""
     mode = image.mode
-    if mode in ("1", "L", "I;16", "I"):
+    if mode == "1":
         grey = np.asarray(image.convert("L"))
-        return np.repeat(grey[..., None], 3, axis=2)
-    if mode == "P":
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("LA", "RGBA"):
-        rgba = np.asarray(image.convert("RGBA")).astype(np.float64)
-        alpha = rgba[..., 3:4] / 255.0
-        return (rgba[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
-    if mode == "RGB":
+    elif mode == "L":
+        grey = np.asarray(image)
+    elif mode == "RGB":
         return np.asarray(image)
-    raise ImageError(f"{source}: image mode {mode!r} has {len(image.getbands())} channels "
-                     f"({', '.join(image.getbands())}); save it as an RGB or greyscale PNG/JPEG")
+    elif mode in _COLOUR_MODES:
+        return np.asarray(image.convert("RGB"))
+    elif mode in _ALPHA_MODES:
+        return _composite_on_white(np.asarray(image.convert("RGBA")))
+    elif mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > _WHITE_16:
+            raise ImageError(f"{source}: a {image.mode} image with values from {low} to {high} has no known white "
+                             f"level (16-bit images hold 0..65535); save it as an 8- or 16-bit PNG")
+        grey = (values.astype(np.float32) / np.float32(_WHITE_16)).astype(np.float32)
+        return np.repeat(grey[..., None], 3, axis=2)
+    elif mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ImageError(f"{source}: the floating-point image holds NaN or infinite values; save it as an "
+                             f"8- or 16-bit PNG")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise ImageError(f"{source}: a floating-point image must hold values in [0, 1] (this one spans "
+                             f"{low:.4g} to {high:.4g}); rescale it, or save it as an 8- or 16-bit PNG")
+        return np.repeat(values[..., None], 3, axis=2)
+    else:
+        raise ImageError(f"{source}: image mode {mode!r} ({len(image.getbands())} channels: "
+                         f"{', '.join(image.getbands())}) is not one this program reads; save it as an RGB "
+                         f"or greyscale PNG/JPEG")
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _reduce_large(image: Image.Image, size: int) -> Image.Image:
+    """A large image (above :data:`REDUCE_ABOVE_PIXELS`) reduced by the largest integer factor that keeps
+    its short side at least ``REDUCE_MARGIN * size`` (box average in its own mode; palette, bilevel and
+    16-bit images are first brought to a mode that averages correctly). Smaller images are returned as
+    they are."""
+    width, height = image.size
+    factor = min(width, height) // (REDUCE_MARGIN * size)
+    if width * height <= REDUCE_ABOVE_PIXELS or factor < 2:
+        return image
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        image = Image.fromarray(np.asarray(image).astype(np.int32))  # mode I keeps every 16-bit value
+    return image.reduce(factor)
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -392,34 +459,99 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_image(source: str | os.PathLike | bytes, size: int = 32, channels: int = 3) -> torch.Tensor:
-    """Read a PNG/JPEG (path or bytes), resize its short side to ``size`` and centre-crop.
+def _resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize the short side to ``size`` (bicubic) and centre-crop: float32 (size, size, 3) in [0, 1]."""
+    if pixels.dtype == np.uint8:  # 8-bit: resampled as an RGB image, as it always was
+        return np.asarray(_resize_center_crop(Image.fromarray(pixels), size)).astype(np.float32) / 255.0
+    channels = [np.asarray(_resize_center_crop(Image.fromarray(np.ascontiguousarray(pixels[..., c]), "F"), size))
+                for c in range(pixels.shape[2])]  # deeper images: each channel resampled in float32
+    return np.clip(np.stack(channels, axis=2), 0.0, 1.0)
 
-    Returns a float32 tensor (channels, size, size) in [0, 1]. Raises :class:`ImageError` if the
-    data is not an image or has an unusable number of channels.
+
+def _open_image(source: str | os.PathLike | bytes, label: str, max_pixels: int) -> Image.Image:
+    """Open ``source`` and check its size from the header, before any pixel is decoded."""
+    if isinstance(source, (bytes, bytearray)):
+        handle = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{label}: no such file; give the path of a PNG or JPEG image")
+        handle = path
+    too_large = (f"images here may have at most {max_pixels / 1e6:g} megapixels; scale it down (or crop it) "
+                 f"first")
+    try:
+        # Pillow's own guard (Image.MAX_IMAGE_PIXELS, process-wide, left as it is) warns from 89 megapixels
+        # and raises from 179; both mean the image is over our (lower) limit: make the warning an error here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "more pixels than Pillow decodes"
+        raise ImageError(f"{label} declares {declared} (a decompression bomb, or a huge image): "
+                         f"{too_large}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{label} is not a readable image ({exc.__class__.__name__}); "
+                         f"give a PNG or JPEG file") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(f"{label} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels): "
+                         f"{too_large}")
+    if width == 0 or height == 0:
+        image.close()
+        raise ImageError(f"{label} has no pixels ({width}x{height}); give a PNG or JPEG image")
+    return image
+
+
+def load_image(source: str | os.PathLike | bytes, size: int = 32, channels: int = 3, *,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Read an image file (path or bytes), resize its short side to ``size`` and centre-crop.
+
+    Every mode Pillow decodes is read at its own depth: 8-bit images (bilevel, grey, palette, RGB, CMYK,
+    YCbCr, with or without alpha) are scaled by 255, 16-bit ones (``I;16``, ``I;16B``, …, and ``I`` images
+    holding 0..65535) by 65535, floating-point ones (``F``) must lie in [0, 1]. Transparency is composited
+    on white, grey is repeated, and the EXIF orientation is applied (a photo taken upright comes out upright).
+
+    Args:
+        source: a path, or the file's bytes (an upload).
+        size: side of the square output.
+        channels: 3 (RGB) or 1 (the mean of R, G, B).
+        max_pixels: the largest width x height accepted (default :data:`MAX_IMAGE_PIXELS`); checked from
+            the file's header before anything is decoded.
+
+    Returns:
+        float32 tensor (channels, size, size) in [0, 1].
+
+    Raises:
+        ImageError: the data is not a readable image, is larger than ``max_pixels`` (decompression bombs
+            included), or holds values this function cannot scale (negative or beyond 16-bit integers,
+            floats outside [0, 1], NaN).
     """
     label = "uploaded image" if isinstance(source, (bytes, bytearray)) else str(source)
     if size <= 0:
         raise ConfigError(f"image size must be positive, got {size}")
+    if channels not in (1, 3):
+        raise ImageError(f"models here take 1 or 3 input channels, not {channels}")
+    image = _open_image(source, label, max_pixels)
     try:
-        if isinstance(source, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ImageError(f"{label}: no such file; give the path of a PNG or JPEG image")
-            image = Image.open(path)
+        width, height = image.size
+        if image.format == "JPEG" and width * height > REDUCE_ABOVE_PIXELS:
+            image.draft(None, (REDUCE_MARGIN * size, REDUCE_MARGIN * size))  # decode at 1/2, 1/4 or 1/8 scale
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        ImageOps.exif_transpose(image, in_place=True)
+        pixels = _decode_pixels(_reduce_large(image, size), label)
+    except ImageError:
+        raise
+    except Exception as exc:  # a truncated or malformed file fails inside a decoder, in many ways
         raise ImageError(f"{label} is not a readable image ({exc.__class__.__name__}); "
                          f"give a PNG or JPEG file") from exc
-    rgb = _to_rgb_array(image, label)
-    cropped = np.asarray(_resize_center_crop(Image.fromarray(rgb), size))
-    tensor = torch.from_numpy(cropped.copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
+    finally:
+        image.close()
+    cropped = _resize_pixels(pixels, size)
+    tensor = torch.from_numpy(np.ascontiguousarray(cropped)).permute(2, 0, 1).float()  # (3, S, S)
     if channels == 1:
         tensor = tensor.mean(dim=0, keepdim=True)
-    elif channels != 3:
-        raise ImageError(f"models here take 1 or 3 input channels, not {channels}")
     return tensor
 
 

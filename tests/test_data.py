@@ -128,8 +128,218 @@ def test_load_image_rejects_non_images_and_odd_channels(tmp_path):
         load_image(b"\x00\x01garbage")
     with pytest.raises(ImageError, match="no such file"):
         load_image(tmp_path / "missing.png")
-    cmyk = Image.new("CMYK", (8, 8))
+    wide = Image.fromarray(np.full((4, 4), 70_000, np.int32))  # mode I beyond 16 bits: no known white
+    with pytest.raises(ImageError, match="no known white level"):
+        load_image(_encoded(wide, "TIFF"), size=4)
+    bright = Image.fromarray(np.full((4, 4), 2.0, np.float32))
+    with pytest.raises(ImageError, match=r"values in \[0, 1\]"):
+        load_image(_encoded(bright, "TIFF"), size=4)
+    nan = Image.fromarray(np.full((4, 4), np.nan, np.float32))
+    with pytest.raises(ImageError, match="NaN"):
+        load_image(_encoded(nan, "TIFF"), size=4)
+
+
+# ---- every mode Pillow reads, against a decoding written here ---------------------------------------
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
     buf = io.BytesIO()
-    cmyk.save(buf, format="JPEG")
-    with pytest.raises(ImageError, match="4 channels"):
-        load_image(buf.getvalue())
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _png16(values: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG written byte by byte (so no Pillow code produced it): ``values`` (H, W[, bands]) uint16,
+    colour type 0 (grey), 4 (grey + alpha), 2 (RGB) or 6 (RGBA)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = values.shape[:2]
+    rows = values.reshape(height, -1).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def _ramp(shape, high: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, high + 1, size=shape)
+
+
+def _on_white(colour: np.ndarray, alpha: np.ndarray, white: float) -> np.ndarray:
+    """Reference compositing in float64: c·a + 1·(1 − a), everything in [0, 1]."""
+    a = alpha[..., None] / white
+    return colour / white * a + (1.0 - a)
+
+
+S = 6  # images are S x S, so load_image(size=S) neither resizes nor crops: values compare one to one
+
+
+def _case_1():
+    bits = _ramp((S, S), 1).astype(bool)
+    return _encoded(Image.fromarray(bits), "PNG"), np.repeat(bits[..., None].astype(float), 3, 2), 0
+
+
+def _case_L():
+    grey = _ramp((S, S), 255).astype(np.uint8)
+    return _encoded(Image.fromarray(grey), "PNG"), np.repeat(grey[..., None] / 255.0, 3, 2), 0
+
+
+def _case_LA():
+    grey, alpha = _ramp((S, S), 255, 1).astype(np.uint8), _ramp((S, S), 255, 2).astype(np.uint8)
+    image = Image.fromarray(np.stack([grey, alpha], 2), "LA")
+    expected = _on_white(grey[..., None].astype(float), alpha.astype(float), 255.0)
+    return _encoded(image, "PNG"), np.repeat(expected, 3, 2), 0.5 / 255
+
+
+def _case_P():
+    palette = _ramp((16, 3), 255, 3).astype(np.uint8)
+    index = _ramp((S, S), 15, 4).astype(np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.flatten().tolist())
+    return _encoded(image, "PNG"), palette[index] / 255.0, 0
+
+
+def _case_P_transparent():
+    palette = _ramp((16, 3), 255, 5).astype(np.uint8)
+    index = _ramp((S, S), 15, 6).astype(np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.flatten().tolist())
+    expected = palette[index] / 255.0
+    expected[index == 3] = 1.0  # colour 3 is transparent: white shows through
+    return _encoded(image, "PNG", transparency=3), expected, 0
+
+
+def _case_GIF():
+    palette = _ramp((16, 3), 255, 7).astype(np.uint8)
+    index = _ramp((S, S), 15, 8).astype(np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.flatten().tolist())
+    return _encoded(image, "GIF"), palette[index] / 255.0, 0
+
+
+def _case_RGB():
+    rgb = _ramp((S, S, 3), 255, 9).astype(np.uint8)
+    return _encoded(Image.fromarray(rgb), "PNG"), rgb / 255.0, 0
+
+
+def _case_BMP():
+    rgb = _ramp((S, S, 3), 255, 10).astype(np.uint8)
+    return _encoded(Image.fromarray(rgb), "BMP"), rgb / 255.0, 0
+
+
+def _case_WEBP():
+    rgb = _ramp((S, S, 3), 255, 11).astype(np.uint8)
+    return _encoded(Image.fromarray(rgb), "WEBP", lossless=True), rgb / 255.0, 0
+
+
+def _case_RGBA():
+    rgba = _ramp((S, S, 4), 255, 12).astype(np.uint8)
+    expected = _on_white(rgba[..., :3].astype(float), rgba[..., 3].astype(float), 255.0)
+    return _encoded(Image.fromarray(rgba, "RGBA"), "PNG"), expected, 0.5 / 255
+
+
+def _case_CMYK():
+    cmyk = _ramp((S, S, 4), 255, 13).astype(np.uint8).astype(float)
+    expected = (1 - cmyk[..., :3] / 255) * (1 - cmyk[..., 3:] / 255)  # the usual ink-to-light formula
+    image = Image.fromarray(cmyk.astype(np.uint8), "CMYK")
+    return _encoded(image, "TIFF"), expected, 0.5 / 255
+
+
+def _case_I16():
+    grey = _ramp((S, S), 65535, 14).astype(np.uint16)
+    return _encoded(Image.fromarray(grey), "PNG"), np.repeat(grey[..., None] / 65535.0, 3, 2), 1e-6
+
+
+def _case_I16B():
+    grey = _ramp((S, S), 65535, 15).astype(np.uint16)
+    image = Image.frombytes("I;16B", (S, S), grey.astype(">u2").tobytes())
+    return _encoded(image, "TIFF"), np.repeat(grey[..., None] / 65535.0, 3, 2), 1e-6
+
+
+def _case_I():
+    grey = _ramp((S, S), 65535, 16).astype(np.int32)
+    return _encoded(Image.fromarray(grey), "TIFF"), np.repeat(grey[..., None] / 65535.0, 3, 2), 1e-6
+
+
+def _case_F():
+    values = np.random.default_rng(17).random((S, S)).astype(np.float32)
+    return _encoded(Image.fromarray(values), "TIFF"), np.repeat(values[..., None].astype(float), 3, 2), 1e-6
+
+
+def _case_png16_grey():
+    grey = _ramp((S, S), 65535, 18).astype(np.uint16)
+    return _png16(grey, 0), np.repeat(grey[..., None] / 65535.0, 3, 2), 1e-6
+
+
+def _case_png16_grey_alpha():
+    values = _ramp((S, S, 2), 65535, 19).astype(np.uint16)
+    expected = _on_white(values[..., :1].astype(float), values[..., 1].astype(float), 65535.0)
+    return _png16(values, 4), np.repeat(expected, 3, 2), 1.5 / 255  # Pillow keeps 8 bits of LA
+
+
+def _case_png16_rgb():
+    values = _ramp((S, S, 3), 65535, 20).astype(np.uint16)
+    return _png16(values, 2), values / 65535.0, 1.0 / 255  # Pillow keeps the high byte of 16-bit RGB
+
+
+def _case_png16_rgba():
+    values = _ramp((S, S, 4), 65535, 21).astype(np.uint16)
+    expected = _on_white(values[..., :3].astype(float), values[..., 3].astype(float), 65535.0)
+    return _png16(values, 6), expected, 1.5 / 255
+
+
+MODE_CASES = {name[len("_case_"):]: fn for name, fn in dict(globals()).items() if name.startswith("_case_")}
+
+
+@pytest.mark.parametrize("case", sorted(MODE_CASES))
+def test_every_mode_is_scaled_like_a_reference_decoding(case):
+    data, expected, tolerance = MODE_CASES[case]()
+    got = load_image(data, size=S).permute(1, 2, 0).double().numpy()  # (S, S, 3)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= tolerance + 1e-6, case
+
+
+def test_a_16_bit_grey_png_of_mid_grey_is_mid_grey():
+    """A 16-bit greyscale PNG came out 99.2 % white (mean 0.998): every value above 255 was clipped."""
+    grey = np.full((40, 40), 32768, np.uint16)
+    for data in (_png16(grey, 0), _encoded(Image.fromarray(grey), "PNG")):
+        x = load_image(data, size=32)
+        assert abs(float(x.mean()) - 32768 / 65535) < 1e-6
+
+
+def _oriented(fmt: str, orientation: int) -> bytes:
+    """A 12 x 8 (wide) image, black on the left third and white elsewhere, stored with an EXIF
+    orientation tag (6: the camera was turned; viewers rotate it 90° clockwise)."""
+    pixels = np.full((8, 12, 3), 255, np.uint8)
+    pixels[:, :4] = 0
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    options = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
+    return _encoded(Image.fromarray(pixels), fmt, exif=exif.tobytes(), **options)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_the_exif_orientation_is_applied(fmt):
+    """Orientation 6: the stored wide image is shown turned 90° clockwise, so it is tall and its black left
+    third becomes the top third. Read at its own width (8), the centre crop keeps rows 2..9 of 12."""
+    upright = load_image(_oriented(fmt, 6), size=8)  # (3, 8, 8): rows 0-1 of the crop are black (rows 2-3)
+    assert float(upright[:, :2].max()) < 0.1 and float(upright[:, 3:].min()) > 0.9
+    as_stored = load_image(_oriented(fmt, 1), size=8)  # no rotation: black is on the left
+    assert float(as_stored[:, :, 0].max()) < 0.1 and float(as_stored[:, :, -1].min()) > 0.9
+    turned = load_image(_oriented(fmt, 8), size=8)  # 90° counter-clockwise: black at the bottom
+    assert float(turned[:, -2:].max()) < 0.1 and float(turned[:, :5].min()) > 0.9
+
+
+def test_large_images_are_reduced_before_conversion_with_the_same_result():
+    """Above 4 megapixels the image is reduced by an integer factor in its own mode first; a smooth image
+    comes out as it would from the full-size pixels."""
+    yy, xx = np.mgrid[0:2400, 0:2000]
+    grey16 = ((xx + yy) * 65535 // (2400 + 2000)).astype(np.uint16)
+    big = load_image(_encoded(Image.fromarray(grey16), "PNG"), size=32)
+    small = load_image(_encoded(Image.fromarray(grey16[::20, ::20].copy()), "PNG"), size=32)
+    assert float((big - small).abs().max()) < 0.02
+    assert 0.45 < float(big.mean()) < 0.55
