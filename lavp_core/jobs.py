@@ -6,7 +6,13 @@ never touches the UI. :class:`BackgroundTask` runs any function the same way (pr
 four images), and :class:`TaskPool` shares tasks whose result depends only on a key (the proxies of
 one scenario) between sessions, like a cache that also remembers work in progress.
 
-Nothing here imports streamlit.
+A server shares its CPU cores between every session, so heavy work is bounded: a :class:`SlotQueue`
+lets at most a fixed number of jobs compute at once (the others wait in order and can tell their
+position), and a :class:`JobBoard` records which owner (a browser session) wants which job, keeps one
+job per kind per owner, and stops jobs whose owners have all gone (a closed tab, a reloaded page) from
+a watchdog thread.
+
+Nothing here imports streamlit: the board asks a function it is given whether an owner is still there.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ import threading
 import time
 import traceback
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from . import hessian
 from .attacks import AttackSnapshot
-from .errors import LavpError
+from .errors import ConfigError, LavpError
 from .runner import AttackOutcome, PresetRun
 
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
@@ -103,6 +109,7 @@ class AttackView:
     elapsed: float
     first_frame_seconds: float | None
     stop_requested: bool
+    queue_position: int | None = None  # 1, 2, …: waiting for a free slot; None once computing (or ended)
 
     @property
     def running(self) -> bool:
@@ -122,13 +129,66 @@ class AttackView:
         return min(1.0, max(0.0, self.snapshot.step / self.snapshot.total_steps))
 
 
+class SlotQueue:
+    """At most ``slots`` heavy jobs compute at once; the others wait first come, first served.
+
+    A job calls :meth:`acquire` in its worker thread before computing and :meth:`release` after;
+    :meth:`position` says where a waiting job stands (1 = next), so a page can show it.
+    """
+
+    def __init__(self, slots: int):
+        if int(slots) < 1:
+            raise ConfigError(f"a slot queue needs at least one slot, got {slots}")
+        self.slots = int(slots)
+        self._cond = threading.Condition()
+        self._holders: set[int] = set()
+        self._waiting: deque[int] = deque()
+
+    def acquire(self, token: int, cancelled: Callable[[], bool], poll: float = 0.1) -> bool:
+        """Wait until ``token`` may compute (True) or ``cancelled()`` turns true while it waits (False)."""
+        with self._cond:
+            self._waiting.append(token)
+            try:
+                while True:
+                    if cancelled():
+                        return False
+                    if self._waiting[0] == token and len(self._holders) < self.slots:
+                        self._holders.add(token)
+                        return True
+                    self._cond.wait(poll)
+            finally:
+                self._waiting.remove(token)
+                self._cond.notify_all()
+
+    def release(self, token: int) -> None:
+        with self._cond:
+            self._holders.discard(token)
+            self._cond.notify_all()
+
+    def position(self, token: int) -> int | None:
+        """1-based place of ``token`` among the waiting jobs, or ``None`` when it is not waiting."""
+        with self._cond:
+            for place, waiting in enumerate(self._waiting, start=1):
+                if waiting == token:
+                    return place
+            return None
+
+    def load(self) -> tuple[int, int]:
+        """(jobs computing, jobs waiting) now."""
+        with self._cond:
+            return len(self._holders), len(self._waiting)
+
+
 class _ThreadedWork:
     """What both kinds of background work share: a daemon worker thread started once, a lock over the
     state, an end state (done, cancelled or failed with a :class:`JobError`) and the elapsed time.
-    Subclasses implement :meth:`_body`, which runs in the thread and returns ``DONE`` or ``CANCELLED``."""
+    Subclasses implement :meth:`_body`, which runs in the thread and returns ``DONE`` or ``CANCELLED``,
+    and :meth:`_cancel_requested`. With a :class:`SlotQueue`, the body waits for a slot first; a job
+    stopped while it waits ends cancelled without computing, and its elapsed time starts with the body."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, slots: SlotQueue | None = None):
         self._name = name
+        self._slots = slots
         self._lock = threading.Lock()
         self._state = RUNNING
         self._error: JobError | None = None
@@ -142,7 +202,8 @@ class _ThreadedWork:
         with self._lock:
             if self._thread is not None:
                 return self
-            self._started = time.perf_counter()
+            if self._slots is None:
+                self._started = time.perf_counter()
             self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
         _register(self)
         self._thread.start()
@@ -161,11 +222,27 @@ class _ThreadedWork:
         now = self._ended if self._ended is not None else time.perf_counter()
         return 0.0 if self._started is None else now - self._started
 
+    def queue_position(self) -> int | None:
+        """1-based place among the jobs waiting for a slot, or ``None`` (computing, ended, or no queue)."""
+        return None if self._slots is None else self._slots.position(id(self))
+
     def _body(self) -> str:
         raise NotImplementedError
 
+    def _cancel_requested(self) -> bool:
+        raise NotImplementedError
+
     def _work(self) -> None:
+        holding = False
         try:
+            if self._slots is not None:
+                holding = self._slots.acquire(id(self), self._cancel_requested)
+                if not holding:  # stopped while waiting: nothing was computed
+                    with self._lock:
+                        self._state = CANCELLED
+                    return
+                with self._lock:
+                    self._started = time.perf_counter()
             state = self._body()
             with self._lock:
                 self._state = state
@@ -174,6 +251,8 @@ class _ThreadedWork:
                 self._error = JobError.of(exc)
                 self._state = FAILED
         finally:
+            if holding:
+                self._slots.release(id(self))
             with self._lock:
                 self._ended = time.perf_counter()
             self._finished.set()
@@ -187,14 +266,15 @@ class BackgroundAttack(_ThreadedWork):
         summarize: optional function called in the worker thread with the outcome when the run ends;
             its return value is kept as ``view().summary`` (e.g. the similarity scores).
         name: name of the worker thread (for logs).
+        slots: optional :class:`SlotQueue` the run waits in before computing.
 
     Thread safety: the worker writes under a lock and :meth:`view` copies under the same lock, so a
     reader never sees a snapshot from one step with the history of another.
     """
 
     def __init__(self, run: PresetRun, *, summarize: Callable[[AttackOutcome], Any] | None = None,
-                 name: str = "lavp-attack"):
-        super().__init__(name)
+                 name: str = "lavp-attack", slots: SlotQueue | None = None):
+        super().__init__(name, slots)
         self.run = run
         self._summarize = summarize
         self._snapshot: AttackSnapshot | None = None
@@ -221,9 +301,13 @@ class BackgroundAttack(_ThreadedWork):
 
     def view(self) -> AttackView:
         """A consistent copy of the current state (cheap: the images are shared, not copied)."""
+        position = self.queue_position()
         with self._lock:
             return AttackView(self._state, self._snapshot, tuple(self._history), self._outcome, self._summary,
-                              self._error, self._elapsed(), self._first_frame, self._stop.is_set())
+                              self._error, self._elapsed(), self._first_frame, self._stop.is_set(), position)
+
+    def _cancel_requested(self) -> bool:
+        return self._stop.is_set()
 
     def _body(self) -> str:
         for snapshot in self.run:
@@ -278,6 +362,7 @@ class TaskView:
     progress: float
     message: str
     elapsed: float
+    queue_position: int | None = None  # 1, 2, …: waiting for a free slot; None once computing (or ended)
 
     @property
     def running(self) -> bool:
@@ -296,8 +381,8 @@ class BackgroundTask(_ThreadedWork):
     function that never checks it runs to its end (its result is then still kept).
     """
 
-    def __init__(self, fn: Callable[[TaskControl], Any], *, name: str = "lavp-task"):
-        super().__init__(name)
+    def __init__(self, fn: Callable[[TaskControl], Any], *, name: str = "lavp-task", slots: SlotQueue | None = None):
+        super().__init__(name, slots)
         self._fn = fn
         self.control = TaskControl()
         self._result: Any = None
@@ -307,10 +392,14 @@ class BackgroundTask(_ThreadedWork):
 
     def view(self) -> TaskView:
         fraction, message = self.control.progress()
+        position = self.queue_position()
         with self._lock:
             if self._state != RUNNING:
                 fraction = 1.0
-            return TaskView(self._state, self._result, self._error, fraction, message, self._elapsed())
+            return TaskView(self._state, self._result, self._error, fraction, message, self._elapsed(), position)
+
+    def _cancel_requested(self) -> bool:
+        return self.control.cancelled
 
     def _body(self) -> str:
         result = self._fn(self.control)
@@ -325,10 +414,15 @@ class TaskPool:
     :meth:`submit` returns the task already known for ``key`` (running or done) or starts a new one;
     a failed or cancelled task is replaced on the next submit. At most ``max_finished`` finished tasks
     are kept (least recently submitted dropped first); running tasks are always kept.
+
+    With a :class:`JobBoard`, new tasks wait in its slot queue, and a submit that names an ``owner``
+    records that owner's interest on the board (one task per kind per owner; a task nobody wants any
+    more is stopped).
     """
 
-    def __init__(self, max_finished: int = 64):
+    def __init__(self, max_finished: int = 64, board: JobBoard | None = None):
         self.max_finished = int(max_finished)
+        self.board = board
         self._lock = threading.Lock()
         self._tasks: OrderedDict[Hashable, BackgroundTask] = OrderedDict()
 
@@ -336,19 +430,160 @@ class TaskPool:
         with self._lock:
             return self._tasks.get(key)
 
-    def submit(self, key: Hashable, fn: Callable[[TaskControl], Any], *, name: str = "lavp-task") -> BackgroundTask:
+    def submit(self, key: Hashable, fn: Callable[[TaskControl], Any], *, name: str = "lavp-task",
+               owner: str | None = None, kind: str | None = None) -> BackgroundTask:
+        """The task for ``key``, started if needed; ``owner`` (with the task's ``kind``, default
+        ``name``) is recorded on the board."""
         with self._lock:
             task = self._tasks.get(key)
-            if task is not None and task.view().state in (RUNNING, DONE):
-                self._tasks.move_to_end(key)
-                return task
-            task = BackgroundTask(fn, name=name)
-            self._tasks[key] = task
+            if task is None or task.view().state not in (RUNNING, DONE):
+                task = BackgroundTask(fn, name=name, slots=None if self.board is None else self.board.slots)
+                self._tasks[key] = task
             self._tasks.move_to_end(key)
             self._trim()
+        if self.board is not None and owner is not None and not task.finished:
+            self.board.claim(owner, kind or name, task)
         return task.start()
 
     def _trim(self) -> None:
         finished = [k for k, t in self._tasks.items() if t.finished]
         for key in finished[:max(0, len(finished) - self.max_finished)]:
             del self._tasks[key]
+
+
+class JobBoard:
+    """Who wants which background job, for a server shared by many owners (browser sessions).
+
+    Args:
+        slots: how many heavy jobs may compute at once (a :class:`SlotQueue` of that size is
+            :attr:`slots`; give it to the jobs).
+        alive: ``alive(owner) -> bool``: whether an owner is still there (default: always).
+        grace: seconds an owner must stay gone before its jobs are stopped (a dropped connection that
+            comes back within it keeps them).
+        interval: seconds between two sweeps of the watchdog thread.
+
+    :meth:`claim` records that an owner wants a job as its one job of a kind: the owner's previous job of
+    that kind loses the owner, and a job no owner wants any more is stopped. The watchdog (started by the
+    first claim) calls :meth:`sweep`, which drops the owners gone for ``grace`` seconds, stops the jobs left
+    without owners and runs the callbacks given to :meth:`on_owner_gone`. A job claimed by no one (the
+    command line, a test) is never stopped by the board.
+    """
+
+    def __init__(self, slots: int, *, alive: Callable[[str], bool] | None = None, grace: float = 5.0,
+                 interval: float = 1.0):
+        self.slots = SlotQueue(slots)
+        self.alive = alive if alive is not None else (lambda owner: True)
+        self.grace, self.interval = float(grace), float(interval)
+        self._lock = threading.Lock()
+        self._current: dict[tuple[str, str], _ThreadedWork] = {}  # (owner, kind) -> job
+        self._owners: dict[int, set[str]] = {}  # id(job) -> owners
+        self._jobs: dict[int, _ThreadedWork] = {}
+        self._gone_since: dict[str, float] = {}
+        self._farewells: dict[str, list[Callable[[], None]]] = {}
+        self._watchdog: threading.Thread | None = None
+
+    def claim(self, owner: str, kind: str, job, *, exclusive: bool = False):
+        """Record that ``owner`` wants ``job`` as its one job of ``kind``; returns ``job``.
+
+        Raises:
+            ConfigError: ``exclusive`` and the owner's previous job of this kind still runs (nothing is
+                changed; the message says to stop it or wait).
+        """
+        dropped = []
+        with self._lock:
+            previous = self._current.get((owner, kind))
+            if previous is not None and previous is not job and not previous.finished:
+                if exclusive:
+                    raise ConfigError(f"this session already runs a job of kind {kind!r}; stop it or wait for it "
+                                      f"to end before starting another")
+                dropped = self._drop_owner(previous, owner)
+            self._current[(owner, kind)] = job
+            self._jobs[id(job)] = job
+            self._owners.setdefault(id(job), set()).add(owner)
+            self._gone_since.pop(owner, None)
+        for orphan in dropped:
+            orphan.stop()
+        self._ensure_watchdog()
+        return job
+
+    def current(self, owner: str, kind: str):
+        """The job ``owner`` last claimed as its ``kind`` (running or ended), or ``None``."""
+        with self._lock:
+            return self._current.get((owner, kind))
+
+    def owners(self, job) -> set[str]:
+        with self._lock:
+            return set(self._owners.get(id(job), ()))
+
+    def on_owner_gone(self, owner: str, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once, from the watchdog, when ``owner`` has been gone for ``grace`` seconds."""
+        with self._lock:
+            self._farewells.setdefault(owner, []).append(callback)
+        self._ensure_watchdog()
+
+    def load(self) -> tuple[int, int]:
+        """(jobs computing, jobs waiting for a slot) on this board's queue."""
+        return self.slots.load()
+
+    def sweep(self, now: float | None = None) -> list:
+        """One pass of the watchdog: stop the jobs whose owners have all been gone for ``grace`` seconds
+        and say farewell to those owners. Returns the jobs it stopped."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            owners = {owner for owner, _ in self._current} | set(self._farewells)
+        gone = set()
+        for owner in owners:
+            try:
+                alive = bool(self.alive(owner))
+            except Exception:  # a failing check must not stop anyone's work
+                alive = True
+            if alive:
+                with self._lock:
+                    self._gone_since.pop(owner, None)
+                continue
+            with self._lock:
+                since = self._gone_since.setdefault(owner, now)
+            if now - since >= self.grace:
+                gone.add(owner)
+        stopped, farewells = [], []
+        with self._lock:
+            for owner in gone:
+                for key in [k for k in self._current if k[0] == owner]:
+                    stopped.extend(self._drop_owner(self._current.pop(key), owner))
+                farewells.extend(self._farewells.pop(owner, []))
+                self._gone_since.pop(owner, None)
+            for key in [k for k, job in self._jobs.items() if job.finished]:  # forget ended jobs
+                if not any(j is self._jobs[key] for j in self._current.values()):
+                    self._jobs.pop(key)
+                    self._owners.pop(key, None)
+        for job in stopped:
+            job.stop()
+        for farewell in farewells:
+            try:
+                farewell()
+            except Exception:  # cleaning up after one owner must not end the watchdog
+                pass
+        return stopped
+
+    def _drop_owner(self, job, owner: str) -> list:
+        """Remove ``owner`` from ``job``'s owners (under the lock); the job if it now has none and runs."""
+        owners = self._owners.get(id(job))
+        if owners is None:
+            return []
+        owners.discard(owner)
+        return [job] if not owners and not job.finished else []
+
+    def _ensure_watchdog(self) -> None:
+        with self._lock:
+            if self._watchdog is not None:
+                return
+            self._watchdog = threading.Thread(target=self._watch, name="lavp-job-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.sweep()
+            except Exception:  # the watchdog must outlive any one failure
+                pass

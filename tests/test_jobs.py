@@ -183,3 +183,121 @@ def test_wait_first_snapshot_returns_once_the_first_frame_is_there(make_run):
     assert job.view().snapshot is not None and job.view().snapshot.step == 1
     job.stop()
     assert job.wait(60)
+
+
+# ---- bounded work: a slot queue and a board of owners -----------------------------------------------------
+
+
+def _loop_task(release: threading.Event, started: list | None = None):
+    """A task function that runs until released or cancelled (checking every 10 ms)."""
+
+    def loop(control):
+        if started is not None:
+            started.append(time.monotonic())
+        while not release.is_set() and not control.cancelled:
+            time.sleep(0.01)
+        return "released" if release.is_set() else "cancelled"
+
+    return loop
+
+
+def _until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_slot_queue_runs_at_most_its_slots_in_order_and_says_where_each_waits():
+    from lavp_core.jobs import SlotQueue
+
+    queue, release = SlotQueue(1), threading.Event()
+    order: list[int] = []
+    tasks = []
+    for k in range(3):
+        tasks.append(BackgroundTask(lambda control, k=k: (order.append(k), _loop_task(release)(control))[1],
+                                    slots=queue).start())
+        assert _until(lambda n=k + 1: sum(queue.load()) == n)  # each in the queue before the next
+    assert queue.load() == (1, 2)
+    views = [t.view() for t in tasks]
+    assert [v.queue_position for v in views] == [None, 1, 2] and all(v.running for v in views)
+    assert views[1].elapsed == 0.0  # a waiting task has not started computing
+    tasks[2].stop()  # stopped while waiting: it ends at once, without computing
+    assert tasks[2].wait(10) and tasks[2].view().state == CANCELLED and tasks[2].view().result is None
+    assert tasks[1].view().queue_position == 1
+    release.set()
+    assert all(t.wait(10) for t in tasks)
+    assert order == [0, 1] and queue.load() == (0, 0)
+
+
+def test_one_job_per_kind_per_owner_and_a_job_nobody_wants_is_stopped():
+    from lavp_core.jobs import JobBoard
+
+    board = JobBoard(4, interval=3600)  # no sweeps here: claims only
+    release = threading.Event()
+    first = BackgroundTask(_loop_task(release), slots=board.slots)
+    board.claim("ann", "attack", first, exclusive=True)
+    first.start()
+    second = BackgroundTask(_loop_task(release), slots=board.slots)
+    with pytest.raises(ConfigError, match="already runs"):
+        board.claim("ann", "attack", second, exclusive=True)  # refused: the first still runs
+    assert board.current("ann", "attack") is first and not first.control.cancelled
+
+    pool = TaskPool(board=board)
+    shared = pool.submit("proxies-of-image-3", _loop_task(release), owner="ann", kind="proxies")
+    assert pool.submit("proxies-of-image-3", _loop_task(release), owner="bob", kind="proxies") is shared
+    assert board.owners(shared) == {"ann", "bob"}
+    ann_next = pool.submit("proxies-of-image-4", _loop_task(release), owner="ann", kind="proxies")
+    assert board.owners(shared) == {"bob"} and not shared.control.cancelled  # bob still wants it
+    pool.submit("proxies-of-image-5", _loop_task(release), owner="bob", kind="proxies")
+    assert shared.wait(10) and shared.view().state == CANCELLED  # nobody wants it any more
+    assert not ann_next.control.cancelled
+    release.set()
+    assert first.wait(10) and ann_next.wait(10)
+
+
+def test_the_watchdog_stops_the_jobs_of_an_owner_that_is_gone_within_seconds():
+    from lavp_core.jobs import JobBoard
+
+    present = {"ann": True, "bob": True}
+    board = JobBoard(4, alive=lambda owner: present[owner], grace=0.5, interval=0.1)
+    release, farewells = threading.Event(), []
+    ann = board.claim("ann", "attack", BackgroundTask(_loop_task(release), slots=board.slots)).start()
+    bob = board.claim("bob", "attack", BackgroundTask(_loop_task(release), slots=board.slots)).start()
+    pool = TaskPool(board=board)
+    shared = pool.submit("shared", _loop_task(release), owner="ann", kind="proxies")
+    pool.submit("shared", _loop_task(release), owner="bob", kind="proxies")
+    board.on_owner_gone("ann", lambda: farewells.append("ann"))
+
+    present["ann"] = False  # ann's tab closed
+    gone_at = time.monotonic()
+    assert ann.wait(5), "the job of a session that is gone was not stopped"
+    assert time.monotonic() - gone_at < 3.0 and ann.view().state == CANCELLED
+    assert _until(lambda: farewells == ["ann"], 5)
+    assert not bob.finished and not shared.finished  # bob is there and still wants the shared task
+    assert board.owners(shared) == {"bob"}
+
+    present["bob"] = False
+    time.sleep(0.2)
+    present["bob"] = True  # back within the grace period (a dropped connection): nothing is stopped
+    time.sleep(0.8)
+    assert not bob.finished and not shared.finished
+    release.set()
+    assert bob.wait(10) and shared.wait(10) and bob.view().result == "released"
+
+
+def test_a_job_claimed_by_no_one_is_never_stopped_by_the_board():
+    from lavp_core.jobs import JobBoard
+
+    board = JobBoard(1, alive=lambda owner: False, grace=0.0, interval=0.05)
+    release = threading.Event()
+    mine = board.claim("gone", "attack", BackgroundTask(_loop_task(release), slots=board.slots)).start()
+    cli = BackgroundTask(_loop_task(release), slots=board.slots).start()  # waits for the one slot
+    assert mine.wait(5) and mine.view().state == CANCELLED
+    assert _until(lambda: cli.view().queue_position is None, 5)  # it got the freed slot
+    time.sleep(0.3)
+    assert not cli.finished
+    release.set()
+    assert cli.wait(10) and cli.view().state == DONE
