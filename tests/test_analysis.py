@@ -175,3 +175,79 @@ def test_pick_disagreeing_images_counts_only_complete_images_of_the_chosen_model
     # one loss only: the first `count` image indices; an unknown model: none
     assert pick_disagreeing_images(df[df["loss"] == "l2"], "m", count=2, dataset="d") == [0, 1]
     assert pick_disagreeing_images(df, "no-such-model") == []
+
+
+# ---- statistics a reviewer accepts ------------------------------------------------------------------
+
+
+def test_the_bootstrap_interval_covers_the_true_rho_and_matches_scipy():
+    """A monotone relation with noise: the interval contains the population σ_S, excludes 0, and agrees
+    with scipy.stats.bootstrap's percentile interval on the same statistic."""
+    from lavp_core.study.analysis import bootstrap_spearman, percentile_interval
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=80)
+    y = np.exp(x) + rng.normal(scale=0.8, size=80)  # monotone signal + noise
+    big = rng.normal(size=200_000)  # the population σ_S of the same model, by simulation
+    truth = stats.spearmanr(big, np.exp(big) + rng.normal(scale=0.8, size=big.size)).statistic
+    low, high = percentile_interval(bootstrap_spearman(x, y, resamples=2000, seed=1))
+    assert low < truth < high and low > 0
+    reference = stats.bootstrap((x, y), lambda a, b: stats.spearmanr(a, b).statistic, paired=True,
+                                vectorized=False, n_resamples=2000, method="percentile",
+                                random_state=np.random.default_rng(1)).confidence_interval
+    assert low == pytest.approx(reference.low, abs=0.03) and high == pytest.approx(reference.high, abs=0.03)
+    noise = rng.normal(size=80)
+    low0, high0 = percentile_interval(bootstrap_spearman(x, noise, resamples=2000, seed=1))
+    assert low0 < 0 < high0  # no relation: the interval straddles 0
+
+
+def test_spearman_table_carries_p_values_intervals_and_excluded_uncertified_values():
+    df = _hand_table()
+    df["exact_l2_max_converged"] = [i % 5 != 0 for i in range(len(df))]  # every fifth value uncertified
+    table = spearman_table(df, "exact", scores=["mse"])
+    row = table[(table["loss"] == "l2") & (table["proxy"] == "l2_max") & (table["arch"] == "a")].iloc[0]
+    sub = df[(df["loss"] == "l2") & (df["arch"] == "a")]
+    kept = sub[sub["exact_l2_max_converged"]]
+    reference = stats.spearmanr(kept["exact_l2_max"], kept["mse"])
+    assert row["rho"] == pytest.approx(reference.statistic) and row["p"] == pytest.approx(reference.pvalue)
+    assert row["n"] == len(kept) and row["excluded"] == len(sub) - len(kept)
+    assert row["ci_low"] <= row["rho"] <= row["ci_high"]
+    with_all = spearman_table(df, "exact", scores=["mse"], include_uncertified=True)
+    row_all = with_all[(with_all["loss"] == "l2") & (with_all["proxy"] == "l2_max") & (with_all["arch"] == "a")]
+    assert row_all["n"].iloc[0] == len(sub) and row_all["excluded"].iloc[0] == 0
+
+
+def test_findings_follow_the_sign_and_warn_where_attacks_failed():
+    """Negative σ_S never 'beats' the gradient norm, however large in size; a failed group says so."""
+    from lavp_core.study.analysis import findings
+
+    def row(proxy, rho, low, high):
+        return {"flavour": "exact", "dataset": "d", "weights": "random", "loss": "l2", "arch": MEAN_ARCH,
+                "proxy": proxy, "score": "mse", "rho": rho, "p": math.nan, "ci_low": low, "ci_high": high, "n": 2,
+                "excluded": 0}
+
+    table = pd.DataFrame([row("grad_norm", -0.45, -0.6, -0.3), row("l2_max", -0.46, -0.6, -0.3),
+                          row("l2_min", 0.30, 0.1, 0.5)])
+    recovery = pd.DataFrame([{"dataset": "d", "weights": "random", "loss": "l2", "arch": MEAN_ARCH, "n": 100,
+                              "recovered": 0.06, "median_psnr": 9.0, "median_ssim": 0.02, "regime": "failed"}])
+    (line,) = findings(table, recovery)
+    assert "l2_max does not beat grad_norm (its σ_S is not positive" in line
+    assert "l2_min beats grad_norm (positive, above it, and its interval excludes 0)" in line
+    assert "only 6% of these attacks recovered the image" in line and "images' own statistics" in line
+    leaking = recovery.assign(recovered=0.6, regime="leaks")
+    assert "Caution" not in findings(table, leaking)[0]
+
+
+def test_the_tidy_csv_round_trips_through_pandas(tmp_path):
+    import io
+
+    df = _hand_table().assign(study="hand", weights="random", ssim=0.3, psnr=12.0)
+    text = format_report(df, "csv", flavours=("exact",))
+    back = pd.read_csv(io.StringIO(text))
+    assert list(back.columns[:8]) == ["study", "dataset", "weights", "arch", "loss", "proxy", "flavour", "score"]
+    assert not back.duplicated(["arch", "loss", "proxy", "flavour", "score"]).any()
+    assert back["sigma"].dtype == float and not back["sigma"].astype(str).str.contains("/").any()
+    long = spearman_table(df, "exact")
+    merged = back.merge(long, on=["arch", "loss", "proxy", "score"])
+    assert np.allclose(merged["sigma"], merged["rho"], equal_nan=True)
+    assert set(back["regime"]) == {"failed"}  # SSIM 0.3 everywhere: nothing recovered

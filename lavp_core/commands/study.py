@@ -154,7 +154,10 @@ def _configure_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", default=None, help="only the jobs of this study name")
     p.add_argument("--flavour", default="both", choices=("exact", "paper", "both"),
                    help="which proxy values: exact, the paper's recipe, or both side by side (default)")
-    p.add_argument("--per-arch", action="store_true", help="md: add σ_S per architecture with p-values")
+    p.add_argument("--per-arch", action="store_true",
+                   help="md: add σ_S per architecture with p-values and bootstrap intervals")
+    p.add_argument("--include-uncertified", action="store_true",
+                   help="keep exact values that are not certified (λ_min below float64's resolution) in σ_S")
     p.add_argument("--rankings", action="store_true",
                    help="print the MSE rankings under each loss and each proxy's predicted ranking (Figure 1b/1c)")
     p.add_argument("--images", default=None, help="with --rankings: comma-separated image indices, e.g. 0,5,9,12")
@@ -183,6 +186,7 @@ def report_command(args) -> int:
         else:
             print(format_rankings(table, args.format), end="" if args.format == "csv" else "\n")
         return 0
-    text = format_report(df, args.format, flavours=flavours, per_arch=args.per_arch)
+    text = format_report(df, args.format, flavours=flavours, per_arch=args.per_arch,
+                         include_uncertified=args.include_uncertified)
     print(text, end="" if text.endswith("\n") else "\n")
     return 0

@@ -24,7 +24,12 @@ from .plan import FLAVOURS, Flavour
 from .results import check_one_configuration, proxy_column, proxy_names
 
 SCORES = ("mse", "ssim", "psnr", "lpips")  # the paper's cell order: MSE / SSIM / PSNR / LPIPS
+ALL_SCORES = (*SCORES, "rel_mse")  # plus MSE over the truth's pixel variance (1 = no better than its mean colour)
 MEAN_ARCH = "mean"  # the ``arch`` of the rows of spearman_table averaged over architectures
+STATE = ["dataset", "weights", "loss"]  # one study group: σ_S is averaged over the architectures within it
+RESAMPLES = 1000  # bootstrap resamples behind every confidence interval
+CONFIDENCE = 0.95
+FAILED_REGIME = 0.2  # below this fraction of recovered images a group's σ_S describe image statistics
 LOSS_LABELS = {"l2": "L2", "cos": "CS", "cos-layer": "CS-layer"}
 
 
@@ -58,24 +63,84 @@ def kendall(x: Iterable[float], y: Iterable[float]) -> tuple[float, float, int]:
     return _rank_correlation("kendalltau", x, y, 2)
 
 
-def spearman_table(df: pd.DataFrame, proxy_flavour: Flavour = "exact", *, scores: Sequence[str] = SCORES,
-                   proxies: Sequence[str] | None = None) -> pd.DataFrame:
-    """σ_S between each proxy and each score, per (dataset, attack loss, architecture), and averaged.
+def _paired(x: Iterable[float], y: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(list(x), dtype=float)
+    b = np.asarray(list(y), dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    return a[keep], b[keep]
+
+
+def bootstrap_spearman(x: Iterable[float], y: Iterable[float], *, resamples: int = RESAMPLES,
+                       seed: int = 0) -> np.ndarray:
+    """σ_S of ``resamples`` bootstrap resamples of the (x, y) pairs without NaN (pairs drawn with
+    replacement by ``numpy.random.default_rng(seed)``); a resample with a constant side gives NaN.
+    Fewer than 3 pairs: all NaN."""
+    from scipy import stats
+
+    a, b = _paired(x, y)
+    n = a.size
+    if n < 3:
+        return np.full(resamples, math.nan)
+    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # (B, n)
+    ra = stats.rankdata(a[index], axis=1)
+    rb = stats.rankdata(b[index], axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra * rb).sum(axis=1) / np.sqrt((ra ** 2).sum(axis=1) * (rb ** 2).sum(axis=1))
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The central ``confidence`` interval of the finite ``samples`` (NaN, NaN when under half are finite)."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size < max(2, samples.size // 2):
+        return math.nan, math.nan
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _group_seed(*parts: object) -> int:
+    from .plan import derive_seed
+
+    return derive_seed("bootstrap", *parts) % 2 ** 32
+
+
+def uncertified_mask(df: pd.DataFrame, proxy: str, flavour: Flavour) -> pd.Series:
+    """Rows whose ``exact`` value of ``proxy`` is not certified (an exact λ_min below float64's resolution,
+    or a fusion of one): left out of σ_S unless asked for. The paper recipe's values are never certified
+    and always kept: they are what the recipe reports."""
+    column = proxy_column(proxy, flavour) + "_converged"
+    if flavour != "exact" or column not in df:
+        return pd.Series(False, index=df.index)
+    return ~df[column].astype(bool)
+
+
+def spearman_table(df: pd.DataFrame, proxy_flavour: Flavour = "exact", *, scores: Sequence[str] = ALL_SCORES,
+                   proxies: Sequence[str] | None = None, include_uncertified: bool = False,
+                   resamples: int = RESAMPLES) -> pd.DataFrame:
+    """σ_S between each proxy and each score, per (dataset, weights, attack loss, architecture), and
+    averaged over architectures, each with its p-value and a bootstrap confidence interval.
 
     Args:
-        df: jobs as from :func:`load_results` (columns ``dataset``, ``loss``, ``arch``, the scores and
-            ``{flavour}_{proxy}``).
+        df: jobs as from :func:`load_results` (columns ``dataset``, ``loss``, ``arch``, optionally
+            ``weights``, the scores and ``{flavour}_{proxy}``).
         proxy_flavour: ``exact`` or ``paper``.
-        scores: score columns (``mse``, ``ssim``, ``psnr``, ``lpips``).
+        scores: score columns (default: MSE, SSIM, PSNR, LPIPS and ``rel_mse``); a missing one gives NaN.
         proxies: proxy names (default: every proxy of the flavour in ``df``).
+        include_uncertified: keep exact values that are not certified (see :func:`uncertified_mask`);
+            by default they are left out and counted in ``excluded``.
+        resamples: bootstrap resamples (images drawn with replacement, deterministic per group).
 
     Returns:
-        Long DataFrame with columns ``flavour, dataset, loss, arch, proxy, score, rho, p, n``. Rows with
-        ``arch == "mean"`` hold the paper's final metric: the mean over architectures of the per-arch
-        σ_S (architectures whose σ_S is undefined are left out; ``n`` then counts the architectures
-        averaged and ``p`` is NaN).
+        Long DataFrame with columns ``flavour, dataset, weights, loss, arch, proxy, score, rho, p,
+        ci_low, ci_high, n, excluded``. Rows with ``arch == "mean"`` hold the paper's final metric: the
+        mean over architectures of the per-arch σ_S (architectures whose σ_S is undefined are left out;
+        ``n`` then counts the architectures averaged, ``p`` is NaN, and the interval is that of the mean
+        of the architectures' bootstrap σ_S, each architecture resampled on its own).
     """
-    columns = ["flavour", "dataset", "loss", "arch", "proxy", "score", "rho", "p", "n"]
+    columns = ["flavour", "dataset", "weights", "loss", "arch", "proxy", "score", "rho", "p", "ci_low", "ci_high",
+               "n", "excluded"]
     if df.empty:
         return pd.DataFrame(columns=columns)
     check_one_configuration(df)
@@ -83,20 +148,63 @@ def spearman_table(df: pd.DataFrame, proxy_flavour: Flavour = "exact", *, scores
     missing = [p for p in names if proxy_column(p, proxy_flavour) not in df]
     if missing:
         raise ConfigError(f"no {proxy_flavour} values of proxies {missing} in these results")
+    df = df.assign(weights=df["weights"].fillna("") if "weights" in df else "")
     out = []
-    for (dataset, loss), group in df.groupby(["dataset", "loss"], sort=True):
+    for (dataset, weights, loss), group in df.groupby(STATE, sort=True):
         for proxy in names:
+            dropped = uncertified_mask(group, proxy, proxy_flavour) & (not include_uncertified)
             for score in scores:
-                per_arch = []
+                per_arch, boots = [], []
                 for arch, sub in group.groupby("arch", sort=True):
                     values = sub[score] if score in sub else pd.Series(np.nan, index=sub.index)
-                    rho, p, n = spearman(sub[proxy_column(proxy, proxy_flavour)], values)
-                    out.append((proxy_flavour, dataset, loss, arch, proxy, score, rho, p, n))
-                    per_arch.append(rho)
-                finite = [r for r in per_arch if not math.isnan(r)]
-                mean = float(np.mean(finite)) if finite else math.nan
-                out.append((proxy_flavour, dataset, loss, MEAN_ARCH, proxy, score, mean, math.nan, len(finite)))
+                    proxy_values = sub[proxy_column(proxy, proxy_flavour)].where(~dropped.loc[sub.index])
+                    rho, p, n = spearman(proxy_values, values)
+                    boot = bootstrap_spearman(proxy_values, values, resamples=resamples,
+                                              seed=_group_seed(proxy_flavour, dataset, weights, loss, arch, proxy,
+                                                               score))
+                    low, high = percentile_interval(boot) if not math.isnan(rho) else (math.nan, math.nan)
+                    out.append((proxy_flavour, dataset, weights, loss, arch, proxy, score, rho, p, low, high, n,
+                                int(dropped.loc[sub.index].sum())))
+                    if not math.isnan(rho):
+                        per_arch.append(rho)
+                        boots.append(boot)
+                mean = float(np.mean(per_arch)) if per_arch else math.nan
+                low, high = percentile_interval(np.mean(boots, axis=0)) if boots else (math.nan, math.nan)
+                out.append((proxy_flavour, dataset, weights, loss, MEAN_ARCH, proxy, score, mean, math.nan, low,
+                            high, len(per_arch), int(dropped.sum())))
     return pd.DataFrame(out, columns=columns)
+
+
+def recovery_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Did the attacks leak? Per (dataset, weights, attack loss, architecture) and over all architectures
+    (``arch == "mean"``): images, the fraction recovered (SSIM at least
+    :data:`~lavp_core.metrics.RECOVERED_SSIM`), median PSNR and SSIM, and the regime: ``leaks`` when at
+    least :data:`FAILED_REGIME` of the attacks recovered the image, else ``failed`` (σ_S over failed
+    attacks describe the images' own statistics, not leakage)."""
+    from ..metrics import RECOVERED_SSIM
+
+    columns = ["dataset", "weights", "loss", "arch", "n", "recovered", "median_psnr", "median_ssim", "regime"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    df = df.assign(weights=df["weights"].fillna("") if "weights" in df else "",
+                   recovered=df["ssim"] >= RECOVERED_SSIM)
+    out = []
+    for (dataset, weights, loss), group in df.groupby(STATE, sort=True):
+        parts = [(arch, sub) for arch, sub in group.groupby("arch", sort=True)] + [(MEAN_ARCH, group)]
+        for arch, sub in parts:
+            fraction = float(sub["recovered"].mean())
+            out.append((dataset, weights, loss, arch, int(len(sub)), fraction, float(sub["psnr"].median()),
+                        float(sub["ssim"].median()), "leaks" if fraction >= FAILED_REGIME else "failed"))
+    return pd.DataFrame(out, columns=columns)
+
+
+def regime_notice(recovered: float) -> str:
+    """The sentence shown beside σ_S of a group whose attacks mostly failed (empty when they leak)."""
+    if math.isnan(recovered) or recovered >= FAILED_REGIME:
+        return ""
+    share = "none" if recovered == 0 else f"only {recovered:.0%}"
+    return (f"{share} of these attacks recovered the image (SSIM ≥ 0.5): their σ_S describe the images' own "
+            f"statistics, not leakage")
 
 
 def loss_label(loss: str) -> str:
@@ -140,33 +248,67 @@ def recipe_agreement(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns)
 
 
-def findings(table: pd.DataFrame) -> list[str]:
-    """Plain statements of what the σ_S table says: for each (dataset, attack loss) and flavour, the
-    averaged σ_S with MSE of ``grad_norm`` and of that loss's own LAVP (λ_max, λ_min), and whether each
-    LAVP correlates more strongly than the gradient norm (larger |σ_S|)."""
+def beats(value: float, base: float) -> bool:
+    """The paper's sense of "a proxy beats the gradient norm": its σ_S with MSE is larger than the gradient
+    norm's *and* positive (larger proxy, larger error, as the paper claims), not merely larger in size."""
+    return not (math.isnan(value) or math.isnan(base)) and value > 0 and value > base
+
+
+def findings(table: pd.DataFrame, recovery: pd.DataFrame | None = None) -> list[str]:
+    """Plain statements of what the σ_S table says, computed from it: for each (dataset, model state,
+    attack loss) and flavour, the σ_S with MSE (averaged over architectures, with its confidence interval)
+    of ``grad_norm`` and of that loss's own LAVP, whether each LAVP beats the gradient norm in the paper's
+    sense (:func:`beats`), whether its interval excludes 0, and, from ``recovery``
+    (:func:`recovery_table`), a warning where the attacks mostly failed."""
     from ..proxies import proxy_key
 
     lines = []
     mean = table[(table["arch"] == MEAN_ARCH) & (table["score"] == "mse")]
-    rho = {(r.flavour, r.dataset, r.loss, r.proxy): r.rho for r in mean.itertuples()}
+    if "weights" not in mean:
+        mean = mean.assign(weights="")
+    cells = {(r.flavour, r.dataset, r.weights, r.loss, r.proxy): r for r in mean.itertuples()}
+    regime = {}
+    if recovery is not None and not recovery.empty:
+        overall = recovery[recovery["arch"] == MEAN_ARCH]
+        regime = {(r.dataset, r.weights, r.loss): r.recovered for r in overall.itertuples()}
     flavours = [f for f in FLAVOURS if f in set(mean["flavour"])]
-    for dataset, loss in sorted({(r.dataset, r.loss) for r in mean.itertuples()}, key=row_order):
+    groups = sorted({(r.dataset, r.weights, r.loss) for r in mean.itertuples()},
+                    key=lambda g: (*row_order((g[0], g[2])), g[1]))
+    for dataset, weights, loss in groups:
+        label = f"{dataset}+{loss_label(loss)}" + (f" ({weights})" if weights else "")
         for flavour in flavours:
-            base = rho.get((flavour, dataset, loss, "grad_norm"), math.nan)
-            parts, verdicts = [f"grad_norm {_signed(base)}"], []
+            base_row = cells.get((flavour, dataset, weights, loss, "grad_norm"))
+            base = base_row.rho if base_row is not None else math.nan
+            parts = [f"grad_norm {_with_interval(base_row)}"] if base_row is not None else []
+            verdicts = []
             for extreme in ("max", "min"):
-                name = proxy_key(loss, extreme)
-                value = rho.get((flavour, dataset, loss, name))
-                if value is None:
+                row = cells.get((flavour, dataset, weights, loss, proxy_key(loss, extreme)))
+                if row is None:
                     continue
-                parts.append(f"{name} {_signed(value)}")
-                if math.isnan(value) or math.isnan(base):
-                    verdicts.append(f"{name}: undefined")
+                parts.append(f"{row.proxy} {_with_interval(row)}")
+                if math.isnan(row.rho) or math.isnan(base):
+                    verdicts.append(f"{row.proxy}: undefined")
+                    continue
+                if row.rho <= 0:
+                    verdict = "does not beat grad_norm (its σ_S is not positive, against the paper's claim)"
+                elif not beats(row.rho, base):
+                    verdict = "does not beat grad_norm (positive, but not above it)"
+                elif not math.isnan(row.ci_low) and row.ci_low > 0:
+                    verdict = "beats grad_norm (positive, above it, and its interval excludes 0)"
                 else:
-                    verdicts.append(f"{name} {'beats' if abs(value) > abs(base) else 'does not beat'} grad_norm")
-            lines.append(f"{dataset}+{loss_label(loss)} ({flavour}): σ_S with MSE: {', '.join(parts)}; "
-                         f"{'; '.join(verdicts)}")
+                    verdict = "beats grad_norm in value (positive and above it), but its interval includes 0"
+                verdicts.append(f"{row.proxy} {verdict}")
+            line = f"{label} ({flavour}): σ_S with MSE: {', '.join(parts)}; {'; '.join(verdicts)}"
+            notice = regime_notice(regime.get((dataset, weights, loss), math.nan))
+            lines.append(line + (f". Caution: {notice}" if notice else ""))
     return lines
+
+
+def _with_interval(row) -> str:
+    if row is None or math.isnan(row.rho):
+        return "n/a"
+    ci = "" if math.isnan(row.ci_low) else f" [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
+    return f"{row.rho:+.2f}{ci}"
 
 
 def _signed(value: float) -> str:

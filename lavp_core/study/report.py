@@ -15,9 +15,12 @@ from ..errors import ConfigError, StoreError
 from .analysis import (
     MEAN_ARCH,
     SCORES,
+    STATE,
     findings,
     loss_label,
     recipe_agreement,
+    recovery_table,
+    regime_notice,
     row_order,
     spearman_table,
 )
@@ -48,17 +51,43 @@ def table3(df: pd.DataFrame, proxy_flavour: Flavour = "exact", *, table: pd.Data
     return _layout(df, proxy_flavour, proxies, table)
 
 
+def row_label(dataset: str, weights: str, loss: str, several_states: bool) -> str:
+    """A table row's name: ``photos+L2``, with the model state when a study spans several."""
+    return f"{dataset}+{loss_label(loss)}" + (f" ({weights})" if several_states and weights else "")
+
+
+def _groups(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    weights = df["weights"].fillna("") if "weights" in df else pd.Series("", index=df.index)
+    found = {(d, w, lo) for d, w, lo in zip(df["dataset"], weights, df["loss"], strict=True)}
+    return sorted(found, key=lambda g: (*row_order((g[0], g[2])), g[1]))
+
+
 def _layout(df: pd.DataFrame, flavour: Flavour, proxies: list[str], table: pd.DataFrame | None) -> pd.DataFrame:
     if df.empty or not proxies:
         return pd.DataFrame(columns=proxies)
     table = spearman_table(df, flavour, proxies=proxies) if table is None else table
     mean = table[(table["arch"] == MEAN_ARCH) & (table["flavour"] == flavour)]
-    rho = {(r.dataset, r.loss, r.proxy, r.score): r.rho for r in mean.itertuples()}
+    rho = {(r.dataset, r.weights, r.loss, r.proxy, r.score): r.rho for r in mean.itertuples()}
+    groups = _groups(df)
+    several = len({g[1] for g in groups}) > 1
     rows, labels = [], []
-    for dataset, loss in sorted({(d, lo) for d, lo in zip(df["dataset"], df["loss"], strict=True)}, key=row_order):
-        labels.append(f"{dataset}+{loss_label(loss)}")
-        rows.append([_cell([rho.get((dataset, loss, p, s), math.nan) for s in SCORES]) for p in proxies])
+    for dataset, weights, loss in groups:
+        labels.append(row_label(dataset, weights, loss, several))
+        rows.append([_cell([rho.get((dataset, weights, loss, p, s), math.nan) for s in SCORES]) for p in proxies])
     return pd.DataFrame(rows, index=pd.Index(labels, name="σ_S"), columns=proxies)
+
+
+def tidy_table(df: pd.DataFrame, long: pd.DataFrame, recovery: pd.DataFrame) -> pd.DataFrame:
+    """The σ_S table for export: one row per (study, dataset, weights, arch, loss, proxy, flavour, score),
+    one value per cell (``sigma``, ``p``, ``ci_low``, ``ci_high``, ``n``, ``excluded``), with the group's
+    fraction of recovered images and its regime."""
+    study = ", ".join(sorted({str(s) for s in df["study"].dropna()})) if "study" in df else ""
+    tidy = long.rename(columns={"rho": "sigma"}).merge(
+        recovery[[*STATE, "arch", "recovered", "regime"]], on=[*STATE, "arch"], how="left")
+    tidy.insert(0, "study", study)
+    order = ["study", "dataset", "weights", "arch", "loss", "proxy", "flavour", "score", "sigma", "p", "ci_low",
+             "ci_high", "n", "excluded", "recovered", "regime"]
+    return tidy[order]
 
 
 def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
@@ -81,15 +110,19 @@ def _flavours(df: pd.DataFrame, flavours: Sequence[Flavour]) -> list[Flavour]:
     return [f for f in flavours if proxy_names(df, f)]
 
 
-def report_data(df: pd.DataFrame, flavours: Sequence[Flavour] = FLAVOURS) -> dict:
-    """Everything the report shows, as plain data: Table 1 and Table 3 per flavour (cells of σ_S averaged
-    over architectures, "MSE / SSIM / PSNR / LPIPS"), the long σ_S table with per-architecture p-values,
-    the recipe-vs-exact agreement and the findings."""
+def report_data(df: pd.DataFrame, flavours: Sequence[Flavour] = FLAVOURS, *,
+                include_uncertified: bool = False) -> dict:
+    """Everything the report shows, as plain data: how many attacks recovered their image (the regime),
+    Table 1 and Table 3 per flavour (cells of σ_S averaged over architectures, "MSE / SSIM / PSNR /
+    LPIPS"), the long σ_S table with p-values and bootstrap intervals, its tidy export, the
+    recipe-vs-exact agreement and the findings. ``include_uncertified`` keeps exact values that are not
+    certified (λ_min below float64's resolution) in σ_S."""
     if df.empty:
         raise StoreError("no finished jobs in these results; run a study first")
     flavours = _flavours(df, flavours)
-    long = pd.concat([spearman_table(df, f) for f in flavours], ignore_index=True) if flavours else \
-        pd.DataFrame(columns=["flavour", "dataset", "loss", "arch", "proxy", "score", "rho", "p", "n"])
+    long = pd.concat([spearman_table(df, f, include_uncertified=include_uncertified) for f in flavours],
+                     ignore_index=True) if flavours else spearman_table(df.iloc[0:0])
+    recovery = recovery_table(df)
     archs = sorted(set(df["arch"]))
     lpips_reasons = sorted({r for r in df.get("lpips_reason", pd.Series(dtype=object)).dropna() if r})
     return {
@@ -101,42 +134,58 @@ def report_data(df: pd.DataFrame, flavours: Sequence[Flavour] = FLAVOURS) -> dic
         "table1": {f: table1(df, f, table=long) for f in flavours},
         "table3": {f: table3(df, f, table=long) for f in flavours},
         "spearman": long,
+        "tidy": tidy_table(df, long, recovery),
+        "recovery": recovery,
         "agreement": recipe_agreement(df) if set(FLAVOURS) <= set(flavours) else pd.DataFrame(),
-        "findings": findings(long) if flavours else [],
+        "findings": findings(long, recovery) if flavours else [],
         "lpips_reasons": lpips_reasons,
+        "include_uncertified": include_uncertified,
+        "excluded": int(long.loc[long["arch"] == MEAN_ARCH, "excluded"].max()) if len(long) else 0,
     }
 
 
 def format_report(df: pd.DataFrame, fmt: str = "md", *, flavours: Sequence[Flavour] = FLAVOURS,
-                  per_arch: bool = False) -> str:
-    """The report as Markdown (``md``), CSV (``csv``: the Table 1 and Table 3 layouts stacked, with
-    ``table`` and ``flavour`` columns) or JSON (``json``: everything, including the long σ_S table)."""
+                  per_arch: bool = False, include_uncertified: bool = False) -> str:
+    """The report as Markdown (``md``), CSV (``csv``: the tidy σ_S table, one value per cell; see
+    :func:`tidy_table`) or JSON (``json``: everything, including the long σ_S table and the recovery table)."""
     if fmt not in ("md", "csv", "json"):
         raise ConfigError(f"unknown report format {fmt!r}: choose md, csv or json")
-    data = report_data(df, flavours)
+    data = report_data(df, flavours, include_uncertified=include_uncertified)
     if fmt == "json":
-        payload = {k: v for k, v in data.items() if k not in ("table1", "table3", "spearman", "agreement")}
+        frames = ("table1", "table3", "spearman", "agreement", "tidy", "recovery")
+        payload = {k: v for k, v in data.items() if k not in frames}
         payload["table1"] = {f: t.to_dict(orient="index") for f, t in data["table1"].items()}
         payload["table3"] = {f: t.to_dict(orient="index") for f, t in data["table3"].items()}
-        payload["spearman"] = _records(data["spearman"])
-        payload["agreement"] = _records(data["agreement"])
+        for name in ("spearman", "agreement", "recovery"):
+            payload[name] = _records(data[name])
         return json.dumps(payload, indent=1, ensure_ascii=False)
     if fmt == "csv":
-        parts = []
-        for name in ("table1", "table3"):
-            for flavour, table in data[name].items():
-                frame = table.reset_index().rename(columns={"σ_S": "row"})
-                frame.insert(0, "flavour", flavour)
-                frame.insert(0, "table", name)
-                parts.append(frame)
-        return pd.concat(parts, ignore_index=True).to_csv(index=False) if parts else ""
+        return data["tidy"].to_csv(index=False)
     lines = [f"# Proxy evaluation: {data['jobs']} jobs, architectures {', '.join(data['archs'])}", "",
              "σ_S is Spearman's correlation over the images of one (dataset, attack loss, architecture), averaged "
              "over the architectures (the paper's evaluation metric). Cells: MSE(↓) / SSIM(↑) / PSNR(↑) / "
-             "LPIPS(↓); n/a where undefined.",
+             "LPIPS(↓); n/a where undefined. The paper's claim is a positive σ_S with MSE for LAVP (larger proxy, "
+             "worse reconstruction), larger than the gradient norm's.",
              "Images per row: " + ", ".join(f"{k} {v}" for k, v in data["images"].items()) + "."]
     if data["lpips_reasons"]:
         lines.append(f"LPIPS unavailable: {data['lpips_reasons'][0]}")
+    if data["excluded"] and not data["include_uncertified"]:
+        lines.append(f"Exact values that are not certified (λ_min below float64's resolution, shown as ≈ 0) are "
+                     f"left out of σ_S: up to {data['excluded']} images in a row (report --include-uncertified "
+                     f"keeps them).")
+    recovery = data["recovery"]
+    several = len(set(recovery["weights"])) > 1
+    shown = recovery.assign(row=[row_label(d, w, lo, several) for d, w, lo in
+                                 zip(recovery["dataset"], recovery["weights"], recovery["loss"], strict=True)])
+    lines += ["", "## Did the attacks leak?", "",
+              "recovered: fraction of images whose reconstruction reaches SSIM ≥ 0.5; regime 'failed' below "
+              "20 %, where σ_S describe the images' own statistics, not leakage.", "",
+              _markdown(shown[["row", "arch", "n", "recovered", "median_psnr", "median_ssim", "regime"]],
+                        index=False)]
+    notices = [f"- {r.row}: {regime_notice(r.recovered)}" for r in shown[shown["arch"] == MEAN_ARCH].itertuples()
+               if regime_notice(r.recovered)]
+    if notices:
+        lines += ["", "Caution:"] + notices
     titles = {"exact": "exact eigenvalues", "paper": "the paper's recipe (finite differences + power iteration)"}
     for flavour in data["flavours"]:
         lines += ["", f"## Table 1: proxies, {titles[flavour]}", "", _markdown(data["table1"][flavour])]
@@ -155,7 +204,7 @@ def format_report(df: pd.DataFrame, fmt: str = "md", *, flavours: Sequence[Flavo
         lines += ["", "## What the data says", ""] + [f"- {line}" for line in data["findings"]]
     if per_arch:
         long = data["spearman"]
-        lines += ["", "## σ_S per architecture (with p-values)", "",
+        lines += ["", "## σ_S per architecture (with p-values and 95 % bootstrap intervals)", "",
                   _markdown(long[long["arch"] != MEAN_ARCH], index=False)]
     return "\n".join(lines) + "\n"
 
