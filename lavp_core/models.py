@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,14 +298,38 @@ def read_state_dict(path: str | os.PathLike, device: torch.device | str = "cpu")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path} ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0][:160]}); give a file saved with "
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(exc)}; give a file saved with "
                               f"torch.save(model.state_dict(), path)") from exc
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors; save one with "
                               f"torch.save(model.state_dict(), path)")
+    bad = [name for name, tensor in state.items()
+           if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite values in {names}: a model with them "
+                              f"computes nothing meaningful (training diverged?); retrain it, or use another "
+                              f"checkpoint")
     return state
+
+
+def _load_failure(exc: Exception, limit: int = 200) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one short clause: the Python object a
+    pickle asked for (what a malicious checkpoint does), else the first sentence of the error, shortened
+    at a word boundary."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it asks to load the Python object {found.group(1)}, which a checkpoint of weights never "
+                f"holds and which safe loading (weights_only=True) refuses (loading it could run code)")
+    found = re.search(r"WeightsUnpickler error: (.+?)(?: Check the documentation|$)", text)
+    if found:
+        text = f"it is not a checkpoint of weights (the safe unpickler stopped at: {found.group(1)})"
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".") or exc.__class__.__name__
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return f"{exc.__class__.__name__}: {first}"
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:

@@ -32,10 +32,15 @@ Safety rules:
 * A file that is not SQLite, is corrupt, belongs to another program, or comes from a newer schema
   is refused with :class:`~lavp_core.errors.StoreError` before anything is written to it. A file or
   folder without write permission is refused to writers; readers open it read-only.
+* Any SQLite error while reading (a damaged page found only when a query reaches it) is a ``StoreError``
+  naming the file; no error message quotes the file's contents.
+* A reader creates nothing: a WAL database whose ``-wal`` and ``-shm`` files are not both there (no writer
+  is running) is opened with ``immutable=1``, since a read-only connection would otherwise create them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -179,9 +184,33 @@ def _check_header(path: Path) -> None:
     """Refuse a non-empty file that does not start with SQLite's magic header (nothing is written)."""
     with open(path, "rb") as handle:
         head = handle.read(len(SQLITE_HEADER))
-    if head and head != SQLITE_HEADER:
-        raise StoreError(f"{path} is not an SQLite database (it starts with {head!r}); it was left untouched. "
-                         f"Give --db a new file name or the path of a lavp-explorer results database")
+    if head and head != SQLITE_HEADER:  # the message never quotes the file's bytes
+        raise StoreError(f"{path} is not an SQLite database (it does not start with SQLite's header); it was "
+                         f"left untouched. Give --db a new file name or the path of a lavp-explorer results "
+                         f"database")
+
+
+def _in_wal_mode(path: Path) -> bool:
+    """Whether the database header says WAL (its file-format read and write versions, bytes 18-19, are 2)."""
+    with open(path, "rb") as handle:
+        header = handle.read(20)
+    return len(header) == 20 and 2 in (header[18], header[19])
+
+
+def _reading(method):
+    """Make an SQLite error raised while reading a :class:`ResultStore` (a damaged page, a file changed
+    underneath) its :class:`StoreError`, naming the file and what to do."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read results database {self.path} ({exc}): it is damaged or not a "
+                             f"lavp-explorer database; nothing was changed. Restore a copy, or run the study "
+                             f"into a new file") from exc
+
+    return wrapper
 
 
 class ResultStore:
@@ -189,8 +218,8 @@ class ResultStore:
 
     Args:
         path: the SQLite file. A writer creates it (and its schema) when missing.
-        readonly: open for reading only (``file:...?mode=ro``): works on read-only files and folders,
-            and never creates or changes anything.
+        readonly: open for reading only (``file:...?mode=ro``, ``immutable=1`` for a WAL database without
+            a running writer): works on read-only files and folders, and never creates or changes anything.
 
     Raises:
         StoreError: the file is not SQLite or is corrupt, belongs to another program, has a newer
@@ -216,6 +245,12 @@ class ResultStore:
         if self.path.stat().st_size == 0:
             raise StoreError(f"{self.path} is an empty file, not a results database; run a study into it first")
         uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        if _in_wal_mode(self.path) and not all(self.path.with_name(self.path.name + suffix).exists()
+                                               for suffix in ("-wal", "-shm")):
+            # A read-only connection to a WAL database creates the -wal and -shm files it lacks. With no
+            # writer (a writer keeps both while it runs) the main file holds every committed row: read it
+            # as immutable, which creates nothing. (A writer that starts meanwhile is not seen.)
+            uri += "&immutable=1"
         conn = self._connect(uri)
         try:
             conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
@@ -232,6 +267,10 @@ class ResultStore:
                              f"of a lavp-explorer results database") from exc
         try:
             self._validate(conn, creating=False)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{self.path} is not a readable results database ({exc}); it was left untouched. "
+                             f"Give --db the path of a lavp-explorer results database") from exc
         except BaseException:
             conn.close()
             raise
@@ -257,6 +296,10 @@ class ResultStore:
         try:
             self._validate(conn, creating=True)
             self._enable_wal(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{self.path} is not a usable results database ({exc}); nothing was written to "
+                             f"it. Give --db a new file name") from exc
         except BaseException:
             conn.close()
             raise
@@ -283,18 +326,18 @@ class ResultStore:
                 self._create_schema(conn)
                 tables = self._tables(conn)
             if "meta" not in tables:
-                raise StoreError(f"{self.path} is an SQLite database of another program (tables: "
-                                 f"{', '.join(sorted(tables)[:6])}); it was left untouched. Give --db a new "
-                                 f"file name")
+                raise StoreError(f"{self.path} is an SQLite database of another program (it has {len(tables)} "
+                                 f"tables, none of them lavp-explorer's meta table); it was left untouched. Give "
+                                 f"--db a new file name")
             meta = {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM meta")}
             if meta.get("app") != APP_NAME:
-                raise StoreError(f"{self.path} belongs to another program (meta app = {meta.get('app')!r}); it "
-                                 f"was left untouched. Give --db a new file name")
+                raise StoreError(f"{self.path} belongs to another program (its meta table does not name "
+                                 f"{APP_NAME}); it was left untouched. Give --db a new file name")
             try:
                 version = int(meta.get("schema_version", ""))
             except ValueError as exc:
-                raise StoreError(f"{self.path} has an unreadable schema version "
-                                 f"{meta.get('schema_version')!r}; it was left untouched") from exc
+                raise StoreError(f"{self.path} has an unreadable schema version (not a number); it was left "
+                                 f"untouched") from exc
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} was written by a newer lavp-explorer (schema version {version}, "
                                  f"this one reads up to {SCHEMA_VERSION}); upgrade lavp-explorer to read or "
@@ -334,6 +377,7 @@ class ResultStore:
             conn.execute("ROLLBACK")
             raise
 
+    @_reading
     def _columns(self, table: str) -> set[str]:
         return {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
 
@@ -390,10 +434,12 @@ class ResultStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @_reading
     def meta(self) -> dict[str, str]:
         """The ``meta`` table as a dict (``app``, ``schema_version``, ``created_at``)."""
         return {row["key"]: row["value"] for row in self.conn.execute("SELECT key, value FROM meta")}
 
+    @_reading
     def journal_mode(self) -> str:
         return str(self.conn.execute("PRAGMA journal_mode").fetchone()[0])
 
@@ -456,6 +502,7 @@ class ResultStore:
 
     # ---- reading -------------------------------------------------------------------------------
 
+    @_reading
     def statuses(self, job_keys: Iterable[str] | None = None) -> dict[str, str]:
         """job_key -> status for the given keys (those stored), or for every job."""
         if job_keys is None:
@@ -468,6 +515,7 @@ class ResultStore:
             out.update({r[0]: r[1] for r in self.conn.execute(query, chunk)})
         return out
 
+    @_reading
     def cached_proxies(self, proxy_key: str) -> tuple[str, list[dict], float | None, float | None] | None:
         """Proxies already computed for ``proxy_key`` by a finished job: (job_key that computed them,
         proxy rows, exact seconds, paper seconds), or ``None``."""
@@ -483,6 +531,7 @@ class ResultStore:
         return (found["proxies_from"] or found["job_key"], rows, found["proxy_exact_seconds"],
                 found["proxy_paper_seconds"])
 
+    @_reading
     def proxy_rows(self, job_keys: Iterable[str] | None = None) -> list[dict]:
         """Rows of the ``proxies`` table (with ``job_key``), for the given jobs or all."""
         cols = "job_key, " + ", ".join(PROXY_COLUMNS)
@@ -498,6 +547,7 @@ class ResultStore:
             out.extend(_python_row(r) for r in cursor)
         return out
 
+    @_reading
     def job_rows(self, *, study: str | None = None, status: str | None = None,
                  with_images: bool = False) -> list[dict]:
         """Rows of ``jobs`` as dicts (NULL stays ``None``; NaN is stored as NULL), optionally only the
@@ -523,6 +573,7 @@ class ResultStore:
             rows = [r for r in rows if not (r["job_key"] in seen or seen.add(r["job_key"]))]
         return rows
 
+    @_reading
     def studies(self) -> list[dict]:
         """Every study configuration that wrote here, with its number of jobs and of finished jobs."""
         cursor = self.conn.execute(
@@ -532,6 +583,7 @@ class ResultStore:
             "GROUP BY s.study_key ORDER BY s.created_at")
         return [dict(r) for r in cursor]
 
+    @_reading
     def images(self, job_key: str) -> tuple[bytes | None, bytes | None]:
         """(reconstruction PNG, ground-truth PNG) of one job; ``None`` where not stored."""
         found = self.conn.execute("SELECT reconstruction_png, truth_png FROM jobs WHERE job_key = ?",
@@ -540,6 +592,7 @@ class ResultStore:
             raise StoreError(f"no job {job_key[:12]}… in {self.path}")
         return found["reconstruction_png"], found["truth_png"]
 
+    @_reading
     def count(self, status: str | None = None) -> int:
         if status is None:
             return int(self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])

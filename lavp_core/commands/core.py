@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+from pathlib import Path
 
 from ..errors import ConfigError
 from .base import add_scenario_args, command, default_device, print_json, scenario_from_args
@@ -51,7 +54,46 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
                         "default: the preset's")
     p.add_argument("--label-mode", choices=("known", "inferred"), default=None,
                    help="whether the attacker knows the label (default: the preset's)")
-    p.add_argument("--out", default=None, help="save the reconstruction as a PNG here")
+    p.add_argument("--out", default=None, help="save the reconstruction here (.png, .jpg or .jpeg)")
+
+
+# Attack options and the AttackRequest field each overrides: an option the preset's kind does not honour is
+# refused (it would do nothing).
+OVERRIDES = {"--loss": "loss", "--steps": "steps", "--restarts": "restarts", "--lr": "lr", "--tv": "tv_weight",
+             "--schedule": "schedule", "--label-mode": "label"}
+OUT_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def check_output_path(out: str | None) -> Path | None:
+    """Check where ``--out`` will be written before anything runs: a .png/.jpg/.jpeg file name, not a
+    folder, in a folder that exists and may be written. Returns the path (``None`` without ``--out``)."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        raise ConfigError(f"--out {out} is a folder; give a file name in it, e.g. {path / 'reconstruction.png'}")
+    if path.suffix.lower() not in OUT_SUFFIXES:
+        raise ConfigError(f"--out {out}: give the file a .png or .jpg extension (it names the image format)")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"--out {out}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--out {out}: cannot write there (no permission); choose another place")
+    return path
+
+
+def check_overrides(args) -> None:
+    """Refuse attack options that the preset's kind does not have (R-CONV has none)."""
+    from ..presets import get_preset
+
+    preset = get_preset(args.preset)
+    honoured = preset.attack_kind.settings
+    given = [option for option, field in OVERRIDES.items()
+             if getattr(args, option[2:].replace("-", "_")) is not None and field not in honoured]
+    if given:
+        kept = ", ".join(o for o, f in OVERRIDES.items() if f in honoured) or "none"
+        raise ConfigError(f"{', '.join(given)} would do nothing with preset {preset.name} (a {preset.kind} attack; "
+                          f"the options it takes: {kept}); drop {'it' if len(given) == 1 else 'them'}")
 
 
 @command("attack", "run a gradient inversion attack on one image and print its scores", _configure_attack)
@@ -61,9 +103,11 @@ def attack(args) -> int:
     from ..metrics import score_reconstruction
     from ..runner import AttackRequest, run_preset
 
+    out = check_output_path(args.out)  # before the attack, which may take minutes
     request = AttackRequest(preset=args.preset, loss=args.loss, steps=args.steps, restarts=args.restarts,
                             lr=args.lr, tv_weight=args.tv, label=args.label_mode,
                             schedule=args.schedule).validated()
+    check_overrides(args)
     scenario = scenario_from_args(args)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
@@ -71,8 +115,6 @@ def attack(args) -> int:
                          generator=generator, device=default_device(args.device))
     seconds = time.perf_counter() - start
     scores = score_reconstruction(outcome.reconstruction, scenario.image, scenario.info)
-    if args.out and outcome.reconstruction is not None:
-        _save_png(scenario.info.denormalize(outcome.reconstruction.float().cpu())[0], args.out)
     payload = {"mse": scores["mse"], "psnr": scores["psnr"], "ssim": scores["ssim"], "lpips": scores["lpips"],
                "lpips_reason": scores["lpips_reason"], "matching_loss": outcome.matching_loss,
                "label": outcome.label_used, "true_label": scenario.label, "steps": outcome.steps,
@@ -86,12 +128,19 @@ def attack(args) -> int:
         payload["warning"] = outcome.details["warning"]
     if args.json:
         print_json(payload)
-        return 0
-    _print_attack(payload, args.out)
+    else:
+        _print_attack(payload)
+    if out is not None:  # the scores are out first: a failing write loses nothing computed
+        if outcome.reconstruction is None:
+            print("saved        nothing: no reconstruction (every restart diverged)", file=sys.stderr)
+            return 0
+        _save_png(scenario.info.denormalize(outcome.reconstruction.float().cpu())[0], out)
+        if not args.json:
+            print(f"saved        {out}")
     return 0
 
 
-def _print_attack(payload: dict, out: str | None) -> None:
+def _print_attack(payload: dict) -> None:
     print(f"image        {payload['image']}")
     print(f"preset       {payload['preset']}   steps {payload['steps']}   {payload['seconds']:.1f} s")
     print(f"label        true {payload['true_label']}, used {payload['label']}")
@@ -108,16 +157,19 @@ def _print_attack(payload: dict, out: str | None) -> None:
         print(f"stage        {stage['name']}: matching {stage['matching_loss']:.6g}")
     if "warning" in payload:
         print(f"warning      {payload['warning']}")
-    if out:
-        print(f"saved        {out}")
 
 
-def _save_png(image01, path: str) -> None:
+def _save_png(image01, path: Path) -> None:
+    """Write the image (PNG or JPEG, from the suffix); a failure is a :class:`ConfigError` naming the path."""
     from PIL import Image
 
     from ..metrics import to_uint8_image
 
-    Image.fromarray(to_uint8_image(image01)).save(path)
+    try:
+        Image.fromarray(to_uint8_image(image01)).save(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"could not save the reconstruction to {path} ({exc.__class__.__name__}: {exc}); the "
+                          f"scores above are complete. Rerun with another --out") from exc
 
 
 def _configure_fetch(p: argparse.ArgumentParser) -> None:

@@ -37,6 +37,11 @@ def proxies(args) -> int:
     losses = tuple(name.strip() for name in args.losses.split(",") if name.strip())
     if not losses:
         raise ConfigError("--losses needs at least one loss name, e.g. --losses l2,cos")
+    if args.spectrum and not args.json:  # options that would do nothing are refused, not ignored
+        raise ConfigError("--spectrum adds every eigenvalue to the JSON output: give --json too, or drop it")
+    if args.paper_iterations is not None and args.method != "paper":
+        raise ConfigError(f"--paper-iterations is the budget of --method paper; with --method {args.method} it "
+                          f"would do nothing: drop it, or use --method paper")
     config = SolverConfig()
     if args.tol is not None:
         config = replace(config, tol=args.tol)

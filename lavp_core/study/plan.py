@@ -190,7 +190,10 @@ def _image_indices(config: StudyConfig, size: int) -> tuple[int, ...]:
     if isinstance(images, int):
         if images <= 0:
             raise ConfigError(f"a study needs at least one image, got images={images}")
-        if images >= size:
+        if images > size:
+            raise ConfigError(f"a study of {images} images was asked for, but {config.dataset} {config.split} holds "
+                              f"{size}: ask for at most {size} (or list the indices you want)")
+        if images == size:
             return tuple(range(size))
         order = torch.randperm(size, generator=torch.Generator().manual_seed(int(config.seed)))
         return tuple(sorted(int(i) for i in order[:images]))
