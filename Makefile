@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
+# The app listens on this machine only; `make run HOST=0.0.0.0` serves every interface (a class on a LAN).
+HOST ?= 127.0.0.1
 
 .PHONY: run test install install-dev lint bench clean-venv
 
@@ -25,7 +27,7 @@ install: $(VENV)/.runtime-installed
 install-dev: $(VENV)/.dev-installed
 
 run: install
-	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT) --browser.gatherUsageStats false
+	$(PY) -m streamlit run app.py --server.headless true --server.address $(HOST) --server.port $(PORT) --browser.gatherUsageStats false
 
 # The browser test needs Debian's chromium: installed here when missing and allowed (root or passwordless
 # sudo); otherwise that test skips with one line saying how to run it (and fails under CI=true).

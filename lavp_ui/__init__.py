@@ -9,7 +9,12 @@ outside ``pages/`` because Streamlit treats every file in that folder as a page.
 * :mod:`.study_access`: which results database to open, its rows, studies, progress and stored images.
 * :mod:`.sidebar`: the shared sidebar, the session's scenario (:func:`~.sidebar.current_config`,
   :func:`~.sidebar.require_scenario`), uploads, the cached model and dataset thumbnails, widget state.
+* :mod:`.serving`: one server, many sessions: the session's id and whether it is still there, the job board
+  (a cap on concurrent heavy jobs, one per kind per session, jobs of ended sessions stopped) and the limits
+  on what a session may ask for.
+* :mod:`.files`: the process's private folder (mode 0700, removed at exit) for uploads and scratch databases.
 * :mod:`.formatting`: numbers, tables, images, the loss curve and error boxes.
 
-Each module uses only those below it in this list (``routing`` and ``formatting`` none of them).
+Each module uses only those below it in this list (``routing``, ``serving``, ``files`` and ``formatting``
+none of them).
 """

@@ -3,13 +3,15 @@
 ``app.py`` draws :func:`sidebar` on every run, so its choices keep their values across pages; a page reads
 them with :func:`current_config` or :func:`require_scenario`. The model and the dataset's thumbnails are
 cached once per server and shared by every session (read-only).
+
+An upload is checked (at most :attr:`~lavp_ui.serving.Limits.max_image_pixels`, read from its header) and
+decoded once per file, not on every rerun; it is kept in the process's private folder as this session's own
+file (:mod:`lavp_ui.files`), removed when the session ends.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +26,9 @@ from lavp_core.metrics import to_uint8_image
 from lavp_core.models import list_models, trained_checkpoint_path
 from lavp_core.scenario import Scenario, ScenarioConfig, build_model, build_scenario
 
+from .files import is_private, read_private, remove_owner_files, save_private
 from .formatting import show_error, upscale
+from .serving import job_board, limits, session_token
 
 DEVICE = "cpu"  # the app's models, attacks and proxies (a shared server: one device for every session)
 UPLOAD = "upload an image"
@@ -33,6 +37,8 @@ UPLOAD = "upload an image"
 K_DATASET, K_INDEX, K_ARCH, K_WEIGHTS, K_SEED = "side.dataset", "side.index", "side.arch", "side.weights", "side.seed"
 K_UPLOAD, K_UPLOAD_LABEL, K_UPLOAD_STATS = "side.upload", "side.upload_label", "side.upload_stats"
 K_CONFIG = "side.config"
+K_SAVED = "serve.upload_file"  # (upload's file id, the private file it was saved to)
+K_CLEANUP = "serve.cleanup"  # set once the session's files are to be removed when it ends
 # Pages' widget keys start with these prefixes; app.py re-stores them on every run so that Streamlit does
 # not drop a page's settings while another page is shown. Buttons, uploaders and chart selections (which
 # cannot be set) use keys outside these prefixes ("btn.", "sel.").
@@ -81,9 +87,14 @@ def dataset_table(name: str, split: str = "val") -> DatasetTable:
 
 def load_scenario(config: ScenarioConfig) -> Scenario:
     """:func:`lavp_core.scenario.build_scenario` with the shared cached model (its label and input-shape
-    checks included); raises :class:`LavpError` on bad input."""
+    checks included); raises :class:`LavpError` on bad input. An upload's scenario is built once per
+    configuration (its file is decoded once), as long as its file is there."""
+    if config.image is not None and is_private(config.image):
+        if not Path(config.image).is_file():
+            raise ImageError("the uploaded image is no longer on the server; upload it again")
+        return _upload_scenario(config)
     image_bytes = None
-    if config.image is not None:  # an upload, kept under a content-named file by the sidebar
+    if config.image is not None:
         try:
             image_bytes = Path(config.image).read_bytes()
         except OSError as exc:
@@ -91,6 +102,24 @@ def load_scenario(config: ScenarioConfig) -> Scenario:
                              f"upload it again") from exc
     model = cached_model(config.arch, config.weights, config.seed, config.dataset)
     return build_scenario(config, device=DEVICE, image_bytes=image_bytes, model=model)
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def _upload_scenario(config: ScenarioConfig) -> Scenario:
+    """The scenario of an upload this server saved (read back only if its content is unchanged); shared
+    read-only, like the model in it."""
+    model = cached_model(config.arch, config.weights, config.seed, config.dataset)
+    return build_scenario(config, device=DEVICE, image_bytes=read_private(config.image), model=model)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def upload_preview(file_key: str, _data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """(the upload as the model sees it, as a uint8 thumbnail; or the message saying why it is refused),
+    decoded once per uploaded file (``file_key``) rather than on every rerun."""
+    try:
+        return to_uint8_image(load_image(_data, size=32, max_pixels=max_pixels)), None
+    except LavpError as exc:
+        return None, str(exc)
 
 
 def current_config() -> ScenarioConfig | None:
@@ -117,17 +146,24 @@ def describe_config(config: ScenarioConfig) -> str:
     return f"{image} · {config.arch} · {weights} weights"
 
 
-def _save_upload(data: bytes, name: str) -> str:
-    """Keep an uploaded file under a name made from its content (so it can be part of a cache key)."""
-    folder = Path(tempfile.gettempdir()) / "lavp-explorer-uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = Path(name).suffix.lower()[:8] or ".img"
-    path = folder / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}"
-    if not path.is_file():
-        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    return str(path)
+def keep_session_file(data: bytes, name: str, file_key: str, state_key: str = K_SAVED) -> str:
+    """Save an upload as this session's private file (once per uploaded file); the session's files are
+    removed when it ends. Returns the file's path (stable for the same upload, so usable in cache keys)."""
+    saved = st.session_state.get(state_key)
+    if saved is not None and saved[0] == file_key and Path(saved[1]).is_file():
+        return saved[1]
+    token = session_token()
+    path = str(save_private(data, name, token))
+    st.session_state[state_key] = (file_key, path)
+    if not st.session_state.get(K_CLEANUP):
+        job_board().on_owner_gone(token, lambda: remove_owner_files(token))
+        st.session_state[K_CLEANUP] = True
+    return path
+
+
+def upload_key(upload, data: bytes) -> str:
+    """What identifies one uploaded file: Streamlit's file id (else the content's digest)."""
+    return str(getattr(upload, "file_id", None) or hashlib.sha256(data).hexdigest())
 
 
 def image_archs() -> list[str]:
@@ -156,7 +192,11 @@ def sidebar() -> ScenarioConfig | None:
         stats = side.selectbox("Normalise and label like", datasets, key=K_UPLOAD_STATS,
                                help="Your image is normalised with this dataset's statistics and takes one of "
                                     "its labels; trained weights are this dataset's.")
-        upload = side.file_uploader("Image file", type=["png", "jpg", "jpeg", "bmp", "gif", "webp"], key=K_UPLOAD)
+        allowed = limits()
+        upload = side.file_uploader("Image file", type=["png", "jpg", "jpeg", "bmp", "gif", "webp"], key=K_UPLOAD,
+                                    max_upload_size=allowed.max_upload_mb,
+                                    help=f"At most {allowed.max_upload_mb} MB and "
+                                         f"{allowed.max_image_pixels / 1e6:g} megapixels.")
         names = dataset_table(stats).class_names
         label = side.selectbox("Its label", range(len(names)), format_func=lambda i: f"{i}: {names[i]}",
                                key=K_UPLOAD_LABEL)
@@ -165,15 +205,15 @@ def sidebar() -> ScenarioConfig | None:
             side.info("Upload a PNG or JPEG file to use it as the client's image.")
         else:
             data = upload.getvalue()
-            try:
-                thumb = load_image(data, size=32)
-            except LavpError as exc:
+            key = upload_key(upload, data)
+            thumb, refused = upload_preview(key, data, allowed.max_image_pixels)
+            if refused is not None:
                 with side:
-                    show_error(exc, "Upload another file, or pick a bundled dataset.")
+                    show_error(ImageError(refused), "Upload another file, or pick a bundled dataset.")
             else:
-                side.image(upscale(to_uint8_image(thumb), 4), caption=f"{upload.name} (as the model sees it)",
-                           output_format="PNG")
-                config = ScenarioConfig(dataset=stats, image=_save_upload(data, upload.name), label=int(label))
+                side.image(upscale(thumb, 4), caption=f"{upload.name} (as the model sees it)", output_format="PNG")
+                path = keep_session_file(data, upload.name, key)
+                config = ScenarioConfig(dataset=stats, image=path, label=int(label))
     else:
         dataset = source
         table = dataset_table(source)

@@ -1,10 +1,15 @@
 """Study databases as the Study and Rankings pages open them: which file, which study in it, its rows,
-its progress and its stored images (each read cached by the file's version)."""
+its progress and its stored images (each read cached by the file's version).
+
+A page opens only databases the server offers: the bundled studies (``assets/study/*.sqlite``, or
+``$LAVP_STUDY_DB`` in their place), the ``.sqlite`` files of the results folder the server was started
+with (``$LAVP_RESULTS_DIR``), or a file the user uploads (kept as that session's private file). No path
+typed in the browser is ever opened, and every database is opened read-only.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -14,11 +19,16 @@ from lavp_core.errors import StoreError
 from lavp_core.store import open_store
 from lavp_core.study import load_results
 
-from .sidebar import keep_valid
+from .files import private_dir
+from .serving import limits
+from .sidebar import keep_session_file, keep_valid, upload_key
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_STUDY = ROOT / "assets" / "study" / "photos-default.sqlite"
+STUDY_DIR = ROOT / "assets" / "study"
+BUNDLED_STUDY = STUDY_DIR / "photos-default.sqlite"
 STUDY_DB_ENV = "LAVP_STUDY_DB"  # overrides the bundled study's path (used by the tests)
+RESULTS_DIR_ENV = "LAVP_RESULTS_DIR"  # a folder of results databases the server offers (made with `study --db`)
+SOURCES = {"bundled": "a bundled study", "server": "the server's results folder", "upload": "upload a database"}
 
 
 def study_db_default() -> Path:
@@ -27,11 +37,32 @@ def study_db_default() -> Path:
     return Path(override) if override else BUNDLED_STUDY
 
 
+def bundled_studies() -> list[Path]:
+    """The default database first, then the other bundled studies (``assets/study/*.sqlite``) that exist."""
+    default = study_db_default()
+    others = sorted(p for p in STUDY_DIR.glob("*.sqlite") if p.is_file() and p.resolve() != default.resolve())
+    return [default, *others]
+
+
+def results_dir() -> Path | None:
+    """The results folder the server was started with (``$LAVP_RESULTS_DIR``), or ``None``."""
+    folder = os.environ.get(RESULTS_DIR_ENV, "").strip()
+    return Path(folder).resolve() if folder else None
+
+
+def server_results() -> list[Path]:
+    """The ``.sqlite`` files directly in the results folder (links leading outside it are left out)."""
+    folder = results_dir()
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.sqlite") if p.is_file() and p.resolve().parent == folder)
+
+
 def create_study_hint(path: Path) -> str:
     return (f"No results database at `{path}`. Create one with the command line, for example\n\n"
             f"```bash\npython -m lavp_core study --db {path} --archs lenet --weights random --images 20\n```\n\n"
             f"(add `--archs lenet,resnet8 --weights trained --images 100` for the paper-sized study), "
-            f"then reload this page or give its path below.")
+            f"then reload this page, or upload the database below.")
 
 
 def _version(path: Path) -> tuple[float, int]:
@@ -91,25 +122,45 @@ def show_study_progress(path: str | Path) -> None:
 
 
 def database_picker(prefix: str) -> str | None:
-    """Radio 'bundled study' / 'a file' (+ its path); returns the chosen path, or ``None`` after an info box
-    saying how to create the bundled study when it is missing."""
-    default_db = study_db_default()
+    """Where the results come from: a bundled study, a file of the server's results folder, or an upload
+    (read-only in every case). Returns the chosen database's path, or ``None`` after an info box saying what
+    is missing (how to create the bundled study, which folder is empty, what to upload)."""
+    sources = ["bundled"] + (["server"] if results_dir() is not None else []) + ["upload"]
+    keep_valid(f"{prefix}.source", sources)
     st.session_state.setdefault(f"{prefix}.source", "bundled")
-    st.session_state.setdefault(f"{prefix}.path", "results.sqlite")
-    source = st.radio("Results database", ["bundled", "file"], horizontal=True, key=f"{prefix}.source",
-                      format_func={"bundled": f"the bundled study ({default_db.name})",
-                                   "file": "a database made with the command line"}.get)
-    if source == "file":
-        path = st.text_input("Path of the results database", key=f"{prefix}.path",
-                             help="made with: python -m lavp_core study --db PATH ...")
-        if not path.strip():
-            st.info("Give the path of a results database made with `python -m lavp_core study --db PATH`.")
+    source = st.radio("Results database", sources, horizontal=True, key=f"{prefix}.source", format_func=SOURCES.get)
+    if source == "server":
+        folder, found = results_dir(), server_results()
+        if not found:
+            st.info(f"The server's results folder holds no `.sqlite` file yet: run a study into it with "
+                    f"`python -m lavp_core study --db {folder}/NAME.sqlite`.", icon=":material/info:")
             return None
-        return path.strip()
-    if not default_db.is_file():
-        st.info(create_study_hint(default_db), icon=":material/info:")
+        names = [p.name for p in found]
+        keep_valid(f"{prefix}.server", names)
+        name = st.selectbox("Database", names, key=f"{prefix}.server", help=f"the .sqlite files in {folder}")
+        return str(found[names.index(name)])
+    if source == "upload":
+        allowed = limits().max_database_mb
+        upload = st.file_uploader("Results database (.sqlite)", type=["sqlite", "db", "sqlite3"],
+                                  key=f"up.{prefix}.db", max_upload_size=allowed,
+                                  help=f"made with: python -m lavp_core study --db FILE ... (at most {allowed} MB)")
+        if upload is None:
+            st.info("Upload a results database made with `python -m lavp_core study --db FILE`.")
+            return None
+        data = upload.getvalue()
+        return keep_session_file(data, upload.name, upload_key(upload, data), state_key=f"serve.{prefix}.db")
+    found = bundled_studies()
+    if len(found) > 1:
+        names = [p.name for p in found]
+        keep_valid(f"{prefix}.bundled", names)
+        name = st.selectbox("Study", names, key=f"{prefix}.bundled")
+        chosen = found[names.index(name)]
+    else:
+        chosen = found[0]
+    if not chosen.is_file():
+        st.info(create_study_hint(chosen), icon=":material/info:")
         return None
-    return str(default_db)
+    return str(chosen)
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
@@ -120,8 +171,6 @@ def study_images(path: str, job_key: str) -> tuple[bytes | None, bytes | None]:
 
 
 def scratch_db() -> Path:
-    """The results database where the app stores attacks it runs for the Rankings page (a cache: rerunning
-    the same attacks reads them back)."""
-    folder = Path(tempfile.gettempdir()) / "lavp-explorer"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / "app-rankings.sqlite"
+    """The results database where the app stores attacks it runs for the Rankings page (a cache for this
+    server process: rerunning the same attacks reads them back), in the process's private folder."""
+    return private_dir() / "app-rankings.sqlite"

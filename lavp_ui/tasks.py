@@ -3,6 +3,11 @@
 Proxies and the Rankings page's attacks are computations whose result depends only on their key: they
 run once per server in a shared :class:`lavp_core.jobs.TaskPool` (every session asking for the same key
 gets the same task), and a page polls them in a fragment (:func:`live_area`).
+
+Every heavy job goes through the server's :func:`~lavp_ui.serving.job_board`: at most its number of slots
+compute at once (the others show their place in line), each session holds one job per kind (an attack,
+the proxies of one solver, a ranking's attacks), and the jobs of a session that has ended (a closed tab, a
+reloaded page) are stopped within seconds unless another session still wants them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from lavp_core.jobs import FORWARD_AD_LOCK, BackgroundAttack, BackgroundTask, Ta
 from lavp_core.runner import AttackRequest, PresetRun
 from lavp_core.scenario import ScenarioConfig
 
+from .serving import job_board, session_token, torch_threads_per_job
 from .sidebar import cached_model, load_scenario
 
 POLL_SECONDS = 1.0  # live areas redraw once a second: on 2 cores every redraw costs the attack CPU time
@@ -29,12 +35,13 @@ METHOD_WORK = {"exact": "forming the dense Hessians and diagonalising them",
 def shared_tasks() -> TaskPool:
     """Computations whose result depends only on their key (proxies of a scenario, a ranking of images),
     shared by every session of this server: a cache that also remembers work in progress."""
-    return TaskPool(max_finished=64)
+    return TaskPool(max_finished=64, board=job_board())
 
 
 @st.cache_resource(show_spinner=False)
 def configure_torch_threads() -> int:
-    """Give PyTorch half of the CPU cores (once per server process); ``$LAVP_TORCH_THREADS`` overrides.
+    """Give each of the board's concurrent jobs its share of half the CPU cores (once per server process;
+    :func:`~lavp_ui.serving.torch_threads_per_job`); ``$LAVP_TORCH_THREADS`` overrides.
 
     The browser and the server share the machine with the attack: on 2 cores, PyTorch's two OpenMP threads
     then wait on each other and the default attack takes 2-3 times longer than with one. Under AppTest
@@ -46,11 +53,7 @@ def configure_torch_threads() -> int:
     elif st.get_option("global.appTest"):
         return torch.get_num_threads()
     else:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 2
-        threads = max(1, cores // 2)
+        threads = torch_threads_per_job()
     torch.set_num_threads(threads)
     return threads
 
@@ -97,7 +100,8 @@ def proxies_task(config: ScenarioConfig, method: str) -> BackgroundTask:
             return compute_proxies(scenario.model, scenario.image, scenario.label, losses=("l2", "cos"),
                                    method=method)
 
-    return shared_tasks().submit(("proxies", config, method), compute, name=f"lavp-proxies-{method}")
+    return shared_tasks().submit(("proxies", config, method), compute, name=f"lavp-proxies-{method}",
+                                 owner=session_token(), kind=f"proxies-{method}")
 
 
 def known_proxies_task(config: ScenarioConfig, method: str) -> BackgroundTask | None:
@@ -136,7 +140,8 @@ def new_attacks_task(config, db: str) -> BackgroundTask:
         keys = {job.key for job in plan.jobs}
         return df[df["job_key"].isin(keys)].reset_index(drop=True) if not df.empty else df
 
-    return shared_tasks().submit(("study", config, db), work, name="lavp-rankings")
+    return shared_tasks().submit(("study", config, db), work, name="lavp-rankings", owner=session_token(),
+                                 kind="rankings")
 
 
 def new_attacks_known(config, db: str) -> BackgroundTask | None:

@@ -2,7 +2,10 @@
 
 The attack runs in a daemon thread (:class:`lavp_core.jobs.BackgroundAttack`) kept in this session's
 state; a fragment redraws the latest snapshot once a second (``lavp_ui.tasks.POLL_SECONDS``), so the page
-stays responsive, Stop works, and other clicks (even on other pages) do not lose the run.
+stays responsive, Stop works, and other clicks (even on other pages) do not lose the run. The server's job
+board (:mod:`lavp_ui.serving`) holds it: one attack per session, a place in line while the server is busy,
+and a stop within seconds when the session ends (a reload or a closed tab leaves no run behind). Steps and
+restarts are bounded by what this machine can do; the command line has no such bounds.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import streamlit as st
 import torch
 
 from lavp_core.data import DatasetInfo
-from lavp_core.errors import LavpError
+from lavp_core.errors import ConfigError, LavpError
 from lavp_core.jobs import BackgroundAttack
 from lavp_core.losses import list_losses
 from lavp_core.metrics import score_reconstruction
@@ -25,6 +28,7 @@ from lavp_core.runner import PresetRun
 from lavp_core.scenario import ScenarioConfig
 from lavp_ui.formatting import fmt, loss_curve, metrics_frame, proxies_frame, show_job_error, upscale
 from lavp_ui.routing import draw_through_app
+from lavp_ui.serving import job_board, limits, load_caption, queue_text, session_token
 from lavp_ui.sidebar import current_config, describe_config, load_scenario, require_scenario
 from lavp_ui.tasks import live_area, proxies_task, warm_up_engine
 
@@ -77,6 +81,18 @@ def apply_preset_defaults() -> None:
         st.session_state[K_TV] = min(TV_CHOICES, key=lambda v: abs(v - defaults.tv_weight))
 
 
+def check_budget(request: AttackRequest) -> None:
+    """Refuse an attack larger than this server allows one session (steps × restarts)."""
+    allowed = limits()
+    steps, restarts = request.steps or 1, request.restarts or 1
+    if steps > allowed.max_steps or restarts > allowed.max_restarts or steps * restarts > allowed.max_work:
+        raise ConfigError(f"{steps:,} steps × {restarts} restarts is more than this server runs for one session "
+                          f"(at most {allowed.max_steps:,} steps, {allowed.max_restarts} restarts and "
+                          f"{allowed.max_work:,} steps × restarts); lower them, or run it with the command line: "
+                          f"python -m lavp_core attack --preset {request.preset} --steps {steps} --restarts "
+                          f"{restarts}")
+
+
 def request_from_settings() -> AttackRequest:
     """The attack the widgets describe (read from the session state, so a callback sees the latest values)."""
     state = st.session_state
@@ -102,6 +118,7 @@ def start_attack() -> None:
     if record is not None and not record.job.finished:
         return
     try:
+        check_budget(request)
         scenario = load_scenario(config)
         preset = get_preset(request.preset)
         preset.attack_kind.check_model(scenario.model, scenario.info.image_shape)
@@ -121,7 +138,14 @@ def start_attack() -> None:
     def summarize(outcome):
         return score_reconstruction(outcome.reconstruction, truth, info)
 
-    job = BackgroundAttack(run, summarize=summarize, name=f"lavp-attack-{request.preset}").start()
+    board = job_board()
+    job = BackgroundAttack(run, summarize=summarize, name=f"lavp-attack-{request.preset}", slots=board.slots)
+    try:
+        board.claim(session_token(), "attack", job, exclusive=True)
+    except LavpError as exc:
+        st.session_state[K_ERROR] = str(exc)
+        return
+    job.start()
     job.wait_first_snapshot(FIRST_FRAME_WAIT)  # so that the page drawn next already shows the first frame
     st.session_state[K_RECORD] = AttackRecord(config, request, preset.kind, scenario.description,
                                               scenario.image01[0], scenario.info, job)
@@ -147,6 +171,9 @@ def render_live(record: AttackRecord) -> None:
         text = f"step {view.snapshot.step} / {view.snapshot.total_steps}" + (
             f" · stage {stage}" if stage is not None else "")
         rec_col.image(upscale(view.snapshot.image01), caption=f"reconstruction, {text}", output_format="PNG")
+    elif view.running and view.queue_position:
+        rec_col.info(f"{queue_text(view.queue_position)}: the server runs at most "
+                     f"{job_board().slots.slots} computation(s) at once", icon=":material/hourglass_top:")
     elif view.running:
         rec_col.info("starting…", icon=":material/hourglass_top:")
     if not get_kind(record.kind).has_loss_curve:
@@ -154,8 +181,9 @@ def render_live(record: AttackRecord) -> None:
     elif view.history:
         curve_col.plotly_chart(loss_curve(view.history), config={"displayModeBar": False})
     loss_now = view.snapshot.matching_loss if view.snapshot is not None else math.nan
-    label = (f"{view.state} · {view.elapsed:.1f} s · matching loss {fmt(loss_now)}"
-             + (" · stopping…" if view.running and view.stop_requested else ""))
+    label = (queue_text(view.queue_position) if view.queue_position else
+             f"{view.state} · {view.elapsed:.1f} s · matching loss {fmt(loss_now)}")
+    label += " · stopping…" if view.running and view.stop_requested else ""
     st.progress(view.fraction, text=label)
     if view.error is not None:
         show_job_error(view.error)
@@ -197,7 +225,7 @@ def render_proxies(record: AttackRecord) -> None:
     def render() -> None:
         view = task.view()
         if view.running:
-            st.progress(view.progress, text=f"{view.message}… {view.elapsed:.0f} s")
+            st.progress(view.progress, text=queue_text(view.queue_position) or f"{view.message}… {view.elapsed:.0f} s")
         elif view.error is not None:
             show_job_error(view.error)
         elif view.result is not None:
@@ -225,17 +253,25 @@ name = st.selectbox("Preset", list(presets), key=K_PRESET, on_change=apply_prese
                     format_func=lambda n: f"{n}: {presets[n].description}")
 preset = presets[name]
 honoured = preset.attack_kind.settings  # widgets for settings this kind does not have are greyed out
+allowed = limits()
+for key, most in ((K_STEPS, allowed.max_steps), (K_RESTARTS, allowed.max_restarts)):
+    if int(st.session_state.get(key, 1)) > most:  # e.g. a value kept from before the limits
+        st.session_state[key] = most
 cols = st.columns(5)
 cols[0].radio("Matching loss", [loss.name for loss in list_losses()], key=K_LOSS, disabled="loss" not in honoured,
               help="l2: ½‖g − g*‖² (DLG); cos: 1 − cosine over all layers (Inverting Gradients)")
-cols[1].number_input("Steps", min_value=1, max_value=20_000, step=50, key=K_STEPS, disabled="steps" not in honoured,
-                     help="GIFD: the total over its stages; DLG/iDLG: L-BFGS steps of 20 iterations")
+cols[1].number_input("Steps", min_value=1, max_value=allowed.max_steps, step=50, key=K_STEPS,
+                     disabled="steps" not in honoured,
+                     help=f"GIFD: the total over its stages; DLG/iDLG: L-BFGS steps of 20 iterations. At most "
+                          f"{allowed.max_steps:,} here and {allowed.max_work:,} steps × restarts (this machine's "
+                          f"share for one session; the command line has no limit)")
 cols[2].number_input("Learning rate", min_value=1e-5, max_value=10.0, format="%.4g", key=K_LR,
                      disabled="lr" not in honoured)
 cols[3].select_slider("TV weight", TV_CHOICES, key=K_TV, disabled="tv_weight" not in honoured,
                       format_func=lambda v: f"{v:g}")
-cols[4].number_input("Restarts", min_value=1, max_value=16, step=1, key=K_RESTARTS,
-                     disabled="restarts" not in honoured, help="random starts; the best final matching loss wins")
+cols[4].number_input("Restarts", min_value=1, max_value=allowed.max_restarts, step=1, key=K_RESTARTS,
+                     disabled="restarts" not in honoured,
+                     help=f"random starts; the best final matching loss wins (at most {allowed.max_restarts} here)")
 if preset.attack_kind.note:
     st.caption(preset.attack_kind.note)
 request = request_from_settings()
@@ -248,6 +284,7 @@ run_col.button("Run", type="primary", icon=":material/play_arrow:", disabled=run
 stop_col.button("Stop", icon=":material/stop:", disabled=not running, on_click=stop_attack, key="btn.attack.stop")
 if st.session_state.get(K_ERROR):
     st.error(st.session_state[K_ERROR], icon=":material/error:")
+st.caption(load_caption())
 
 record = st.session_state.get(K_RECORD)
 if record is None:

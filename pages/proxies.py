@@ -15,6 +15,7 @@ import streamlit as st
 from lavp_core.hessian import METHODS
 from lavp_ui.formatting import fmt, proxies_frame, show_job_error, upscale
 from lavp_ui.routing import draw_through_app
+from lavp_ui.serving import queue_text
 from lavp_ui.sidebar import describe_config, require_scenario
 from lavp_ui.tasks import known_proxies_task, live_area, proxies_task
 
@@ -89,7 +90,7 @@ exact_task = known_proxies_task(config, "exact")
 def render_exact() -> None:
     view = exact_task.view()
     if view.running:
-        st.progress(view.progress, text=f"{view.message}… {view.elapsed:.0f} s")
+        st.progress(view.progress, text=queue_text(view.queue_position) or f"{view.message}… {view.elapsed:.0f} s")
         return
     if view.error is not None:
         show_job_error(view.error)
@@ -132,7 +133,8 @@ def render_comparison() -> None:
     views = {m: t.view() for m, t in tasks.items()}
     for method, view in views.items():
         if view.running:
-            st.progress(view.progress, text=f"{METHOD_LABELS[method]}: {view.message}… {view.elapsed:.0f} s")
+            doing = queue_text(view.queue_position) or f"{view.message}… {view.elapsed:.0f} s"
+            st.progress(view.progress, text=f"{METHOD_LABELS[method]}: {doing}")
         elif view.error is not None:
             show_job_error(view.error)
     done = {m: v.result for m, v in views.items() if v.result is not None and v.error is None}

@@ -19,6 +19,7 @@ from lavp_core.proxies import proxy_title
 from lavp_core.study import StudyConfig, loss_label, pick_disagreeing_images, proxy_names, rankings
 from lavp_ui.formatting import fmt, png_array, show_error, show_job_error
 from lavp_ui.routing import draw_through_app
+from lavp_ui.serving import queue_text
 from lavp_ui.sidebar import current_config, dataset_table, keep_valid
 from lavp_ui.study_access import database_picker, pick_study, read_study, scratch_db, show_study_progress, study_images
 from lavp_ui.tasks import live_area, new_attacks_known, new_attacks_task
@@ -175,7 +176,9 @@ else:
     else:
         def render() -> None:
             view = task.view()
-            if view.running:
+            if view.running and view.queue_position:
+                st.progress(0.0, text=queue_text(view.queue_position))
+            elif view.running:
                 st.progress(view.progress, text=f"{view.message} · {view.elapsed:.0f} s")
             elif view.error is not None:
                 show_job_error(view.error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -390,22 +391,40 @@ def test_study_page_without_a_database_says_how_to_make_one(tmp_path, monkeypatc
 
 
 def test_study_page_refuses_a_file_that_is_not_a_database(tmp_path, monkeypatch):
-    bad = tmp_path / "notes.sqlite"
-    bad.write_text("hello")
+    """An uploaded file that is not a database is an error box, which never quotes the file."""
     at = open_page(app(), "study")
-    at.radio(key="study.source").set_value("file").run()
-    at.text_input(key="study.path").set_value(str(bad)).run()
+    at.radio(key="study.source").set_value("upload").run()
+    at.file_uploader(key="up.study.db").upload("notes.sqlite", b"root:x:0:0:root:/root:/bin/bash\n" * 50,
+                                               "application/octet-stream").run()
     assert not at.exception
-    assert at.error and "not an SQLite database" in at.error[0].value
+    assert at.error and "not an SQLite database" in at.error[0].value and "root:x" not in at.error[0].value
 
 
-def test_a_database_path_that_does_not_exist_is_an_error_box(tmp_path):
+def test_databases_come_only_from_bundled_studies_the_results_folder_or_uploads(study_db, tmp_path, monkeypatch):
+    """No page takes a path typed in the browser (it read any server file): the choices are the bundled
+    studies, the .sqlite files of $LAVP_RESULTS_DIR (no link out of it), or an upload."""
+    import shutil
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    shutil.copy(study_db, folder / "class-study.sqlite")
+    (folder / "notes.txt").write_text("not offered")
+    (folder / "outside.sqlite").symlink_to(study_db)  # a link leading out of the folder: not offered
     for page in ("study", "rankings"):
-        at = open_page(app(), page)
-        at.radio(key=f"{page}.source").set_value("file").run()
-        at.text_input(key=f"{page}.path").set_value(str(tmp_path / "no" / "such.sqlite")).run()
-        assert not at.exception, [e.value for e in at.exception]
-        assert at.error and "does not exist" in at.error[0].value
+        monkeypatch.delenv("LAVP_RESULTS_DIR", raising=False)
+        at = open_page(app(study_db, monkeypatch), page)
+        assert not at.text_input, "a path box is back"
+        assert at.radio(key=f"{page}.source").options == ["a bundled study", "upload a database"]
+        monkeypatch.setenv("LAVP_RESULTS_DIR", str(folder))
+        at = open_page(app(study_db, monkeypatch), page)
+        assert at.radio(key=f"{page}.source").options == ["a bundled study", "the server's results folder",
+                                                          "upload a database"]
+        at.radio(key=f"{page}.source").set_value("server").run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert at.selectbox(key=f"{page}.server").options == ["class-study.sqlite"]
+    at = open_page(app(study_db, monkeypatch), "study")
+    at.radio(key="study.source").set_value("server").run()
+    assert at.get("plotly_chart"), "the results folder's database was not read"
 
 
 def test_rankings_page_shows_both_rankings_and_their_predictors(study_db, monkeypatch):
@@ -422,9 +441,8 @@ def test_rankings_page_shows_both_rankings_and_their_predictors(study_db, monkey
 
 
 def test_rankings_without_a_database_run_new_attacks_through_the_study_pipeline(tmp_path, monkeypatch):
-    import tempfile
+    from lavp_ui.study_access import scratch_db
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the scratch results database goes here
     at = open_page(app(tmp_path / "missing.sqlite", monkeypatch), "rankings")
     assert at.radio(key="rankings.mode").value == "new attacks" and len(at.radio(key="rankings.mode").options) == 1
     at.multiselect(key="rankings.new_images").set_value([0, 1]).run()
@@ -438,5 +456,183 @@ def test_rankings_without_a_database_run_new_attacks_through_the_study_pipeline(
     assert not at.error
     table = next(f for f in frames(at) if "predicted ranking" in f.columns)
     assert {"grad_norm", "l2_max", "cos_min", "fusion"} <= set(table["proxy"])
-    stored = load_results(tmp_path / "lavp-explorer" / "app-rankings.sqlite")
+    stored = load_results(scratch_db())  # in the process's private folder
     assert len(stored) == 4 and set(stored["loss"]) == {"l2", "cos"}  # 2 images x 2 losses, kept for reuse
+
+
+# ---- one server, many sessions: bounded work, safe uploads ------------------------------------------------
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A greyscale PNG header declaring ``width`` x ``height`` with one row of data: a size check reads the
+    header; only a decoder would try to allocate the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1)))
+            + chunk(b"IEND", b""))
+
+
+def upload(at: AppTest, name: str, data: bytes) -> AppTest:
+    at.selectbox(key="side.dataset").set_value("upload an image").run()
+    at.file_uploader(key="side.upload").upload(name, data, "image/png").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+@pytest.mark.parametrize("side", [13_000, 20_000, 100_000])
+def test_a_decompression_bomb_upload_is_an_error_box(side):
+    at = upload(app(), "bomb.png", _bomb_png(side, side))
+    assert at.error and "megapixels" in at.error[0].value and "decompression bomb" in at.error[0].value
+    assert at.session_state["side.config"] is None
+
+
+def test_an_image_over_the_app_limit_is_refused_and_the_command_line_keeps_its_range():
+    from lavp_core.data import MAX_IMAGE_PIXELS
+    from lavp_ui.serving import limits
+
+    allowed = limits().max_image_pixels
+    assert allowed < 20_000_000 < MAX_IMAGE_PIXELS
+    at = upload(app(), "panorama.png", _bomb_png(5_000, 4_000))  # 20 MP: fine for the CLI, not for the app
+    assert at.error and f"at most {allowed / 1e6:g} megapixels" in at.error[0].value
+
+
+def test_an_upload_is_decoded_once_per_file(monkeypatch):
+    from lavp_ui import sidebar
+
+    calls = []
+    real = sidebar.load_image
+    monkeypatch.setattr(sidebar, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sidebar.upload_preview.clear()
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (20, 90, 200)).save(buffer, format="PNG")
+    at = upload(app(), "blue.png", buffer.getvalue())
+    for index in (1, 2, 3):  # other widgets change: every run used to decode the upload again
+        at.selectbox(key="side.upload_label").set_value(index).run()
+    open_page(at, "proxies")
+    assert not at.error and calls == [1]
+    from lavp_ui.sidebar import _upload_scenario
+
+    config = at.session_state["side.config"]
+    assert config.label == 3 and _upload_scenario(config) is _upload_scenario(config)  # built once
+
+
+def test_two_sessions_uploads_never_share_a_file():
+    """The same bytes uploaded by two sessions go to two files, each written by this process into its
+    private folder (mode 0700) under a name nobody can predict."""
+    import stat
+
+    from lavp_ui.files import private_dir, read_private
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(buffer, format="PNG")
+    first, second = upload(app(), "red.png", buffer.getvalue()), upload(app(), "red.png", buffer.getvalue())
+    a, b = (Path(at.session_state["side.config"].image) for at in (first, second))
+    assert a != b and a.parent == b.parent == private_dir()
+    assert stat.S_IMODE(private_dir().stat().st_mode) == 0o700
+    assert read_private(a) == read_private(b) == buffer.getvalue()
+    assert "red" not in a.name
+    first.run()
+    assert Path(first.session_state["side.config"].image) == a  # the same file on the next run
+
+
+def test_a_file_changed_behind_the_server_is_not_trusted():
+    from lavp_core.errors import ImageError
+    from lavp_ui.files import read_private, save_private
+
+    path = save_private(b"first content", "x.png", "someone")
+    path.write_bytes(b"planted content")
+    with pytest.raises(ImageError, match="changed on the server"):
+        read_private(path)
+    with pytest.raises(ImageError, match="not one this server wrote"):
+        read_private(path.with_name("elsewhere.png"))
+
+
+def test_a_closed_session_leaves_no_running_attack(monkeypatch):
+    """Reload the page three times while an attack runs: each reload is a new session, and the old one's
+    attack, which no Stop button can reach any more, is stopped within seconds by the job board's watchdog
+    (Streamlit's runtime says the old session is gone; AppTest has no runtime, so the board is told here)."""
+    from lavp_ui.serving import job_board
+
+    board = job_board()
+    gone: set[str] = set()
+    monkeypatch.setattr(board, "alive", lambda token: token not in gone)
+    orphans = []
+    for _ in range(3):
+        at = open_page(app(), "attack")
+        at.number_input(key="attack.steps").set_value(5000)
+        at.button(key="btn.attack.run").click().run()
+        assert not at.error, [e.value for e in at.error]
+        record = at.session_state["attack.record"]
+        assert not record.job.finished
+        orphans.append(record.job)
+        gone.add(at.session_state["serve.session"])  # the page is reloaded: this session has ended
+    for job in orphans:
+        assert job.wait(board.grace + 10 * board.interval + 5), "an orphaned attack kept running"
+        assert job.view().state == "cancelled"
+    alive = open_page(app(), "attack")  # a session that is still there keeps its attack
+    alive.number_input(key="attack.steps").set_value(5000)
+    alive.button(key="btn.attack.run").click().run()
+    record = alive.session_state["attack.record"]
+    time.sleep(board.grace + 2 * board.interval)
+    assert not record.job.finished
+    alive.button(key="btn.attack.stop").click().run()
+    assert record.job.wait(60)
+
+
+def test_the_attack_page_bounds_the_work_and_shows_a_place_in_line(monkeypatch):
+    from lavp_core.jobs import BackgroundTask
+    from lavp_ui.serving import job_board, limits
+
+    allowed = limits()
+    at = open_page(app(), "attack")
+    assert at.number_input(key="attack.steps").max == allowed.max_steps
+    assert at.number_input(key="attack.restarts").max == allowed.max_restarts
+    at.number_input(key="attack.steps").set_value(allowed.max_steps)
+    at.number_input(key="attack.restarts").set_value(allowed.max_restarts)
+    at.button(key="btn.attack.run").click().run()
+    assert at.error and "command line" in at.error[0].value and "attack.record" not in at.session_state
+
+    board = job_board()
+    release = threading.Event()
+    holders = [BackgroundTask(lambda control: release.wait(120), slots=board.slots).start()
+               for _ in range(board.slots.slots)]  # every slot busy with someone else's work
+    deadline = time.monotonic() + 60
+    while board.load()[0] < board.slots.slots and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        at.number_input(key="attack.steps").set_value(20)
+        at.number_input(key="attack.restarts").set_value(1)
+        at.button(key="btn.attack.run").click().run()
+        record = at.session_state["attack.record"]
+        assert record.job.view().queue_position == 1
+        assert any("next in line" in i.value for i in at.info), [i.value for i in at.info]
+        assert any(c.value.startswith("Server: ") and "1 waiting" in c.value for c in at.caption)
+    finally:
+        release.set()
+    assert all(h.wait(30) for h in holders)
+    assert record.job.wait(120) and record.job.view().state == "done"
+
+
+def test_a_damaged_database_is_an_error_box_on_the_study_page(study_db, tmp_path, monkeypatch):
+    import shutil
+    import sqlite3
+
+    damaged = tmp_path / "damaged.sqlite"
+    shutil.copy(study_db, damaged)
+    conn = sqlite3.connect(damaged)
+    page_size, pages = (conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count"))
+    last_root = max(r[0] for r in conn.execute("SELECT rootpage FROM sqlite_master"))
+    conn.close()
+    data = bytearray(damaged.read_bytes())
+    for page in range(last_root, pages):
+        data[page * page_size + 8:page * page_size + 8 + page_size // 2] = b"\x5a" * (page_size // 2)
+    damaged.write_bytes(bytes(data))
+    for page in ("study", "rankings"):
+        at = open_page(app(damaged, monkeypatch), page)
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.error and "malformed" in at.error[0].value, [e.value for e in at.error]
