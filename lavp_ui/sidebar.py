@@ -37,7 +37,8 @@ UPLOAD = "upload an image"
 K_DATASET, K_INDEX, K_ARCH, K_WEIGHTS, K_SEED = "side.dataset", "side.index", "side.arch", "side.weights", "side.seed"
 K_UPLOAD, K_UPLOAD_LABEL, K_UPLOAD_STATS = "side.upload", "side.upload_label", "side.upload_stats"
 K_CONFIG = "side.config"
-K_SAVED = "serve.upload_file"  # (upload's file id, the private file it was saved to)
+K_SAVED = "serve.upload_file"  # (upload's content digest, the private file it was saved to)
+K_DIGEST = "serve.upload_digest"  # {upload's file id: its content digest}
 K_CLEANUP = "serve.cleanup"  # set once the session's files are to be removed when it ends
 # Pages' widget keys start with these prefixes; app.py re-stores them on every run so that Streamlit does
 # not drop a page's settings while another page is shown. Buttons, uploaders and chart selections (which
@@ -113,9 +114,9 @@ def _upload_scenario(config: ScenarioConfig) -> Scenario:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def upload_preview(file_key: str, _data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+def upload_preview(digest: str, _data: bytes, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
     """(the upload as the model sees it, as a uint8 thumbnail; or the message saying why it is refused),
-    decoded once per uploaded file (``file_key``) rather than on every rerun."""
+    decoded once per content (``digest``, its SHA-256) rather than on every rerun."""
     try:
         return to_uint8_image(load_image(_data, size=32, max_pixels=max_pixels)), None
     except LavpError as exc:
@@ -162,8 +163,18 @@ def keep_session_file(data: bytes, name: str, file_key: str, state_key: str = K_
 
 
 def upload_key(upload, data: bytes) -> str:
-    """What identifies one uploaded file: Streamlit's file id (else the content's digest)."""
-    return str(getattr(upload, "file_id", None) or hashlib.sha256(data).hexdigest())
+    """The SHA-256 of an upload's content (what its decoding is cached by), computed once per uploaded file
+    (Streamlit's file id) rather than on every rerun."""
+    file_id = str(getattr(upload, "file_id", "") or "")
+    known = st.session_state.setdefault(K_DIGEST, {})
+    if file_id and file_id in known:
+        return known[file_id]
+    digest = hashlib.sha256(data).hexdigest()
+    if file_id:
+        if len(known) >= 8:  # a few uploads of this session (its image, a database per page)
+            known.pop(next(iter(known)))
+        known[file_id] = digest
+    return digest
 
 
 def image_archs() -> list[str]:

@@ -515,6 +515,8 @@ def test_an_upload_is_decoded_once_per_file(monkeypatch):
         at.selectbox(key="side.upload_label").set_value(index).run()
     open_page(at, "proxies")
     assert not at.error and calls == [1]
+    upload(app(), "same-picture.png", buffer.getvalue())  # the same content from another session
+    assert calls == [1]  # the preview is cached by the content's SHA-256
     from lavp_ui.sidebar import _upload_scenario
 
     config = at.session_state["side.config"]
