@@ -72,9 +72,16 @@ def save_private(data: bytes, name: str, owner: str) -> Path:
         known = _by_content.get(key)
         if known is not None and known.is_file():
             return known
-        path = folder / f"{secrets.token_hex(16)}{suffix}"  # unpredictable; the owner is kept here, not in it
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        descriptor = os.open(path, flags, 0o600)
+        for _ in range(8):  # a name already taken (nothing of ours is ever there) is skipped, never written
+            path = folder / f"{secrets.token_hex(16)}{suffix}"  # unpredictable; the owner is kept here, not in it
+            try:
+                descriptor = os.open(path, flags, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise ImageError(f"could not store the upload in {folder}: every name tried was taken; restart the app")
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
         _written[path] = PrivateFile(path, owner, digest)

@@ -554,6 +554,26 @@ def test_a_file_changed_behind_the_server_is_not_trusted():
         read_private(path.with_name("elsewhere.png"))
 
 
+def test_a_planted_file_or_link_is_never_written_through(tmp_path, monkeypatch):
+    """A file or a symlink already at the name an upload would take is skipped (exclusive creation without
+    following links), and what it points to is left as it was."""
+    from lavp_ui import files
+    from lavp_ui.study_access import scratch_db
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    names = iter(["planted", "another", "fresh"])
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))
+    (files.private_dir() / "planted.png").symlink_to(target)
+    (files.private_dir() / "another.png").write_bytes(b"not ours")
+    path = files.save_private(b"the upload", "me.png", "owner-x")
+    assert path.name == "fresh.png" and path.read_bytes() == b"the upload"
+    assert target.read_text() == "keep me" and (files.private_dir() / "another.png").read_bytes() == b"not ours"
+    assert not files.is_private(files.private_dir() / "another.png")
+    assert scratch_db().parent == files.private_dir()
+    assert files.remove_owner_files("owner-x") == 1 and not path.exists()
+
+
 def test_a_closed_session_leaves_no_running_attack(monkeypatch):
     """Reload the page three times while an attack runs: each reload is a new session, and the old one's
     attack, which no Stop button can reach any more, is stopped within seconds by the job board's watchdog

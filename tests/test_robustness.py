@@ -291,6 +291,7 @@ def test_a_read_only_open_creates_no_file(results_db, tmp_path, journal):
         rows = store.job_rows(with_images=True)
         assert len(rows) == 12 and store.studies() and store.proxy_rows()
         assert sorted(os.listdir(folder)) == ["study.sqlite"]
+    assert main(["report", "--db", str(path), "--format", "csv"]) == 0
     assert sorted(os.listdir(folder)) == ["study.sqlite"] and path.read_bytes() == before
 
 
