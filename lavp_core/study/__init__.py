@@ -19,6 +19,8 @@ Modules, each using only those above it in this list:
 
 * :mod:`.plan`: :class:`StudyConfig` → :func:`plan_study` → :class:`StudyPlan` of :class:`Job` (keys).
 * :mod:`.job`: :func:`execute_job`, one job's attack, scores and proxies as rows to store.
+* :mod:`.leases`: :class:`JobLeases`, a runner's claims on jobs, so runners sharing a database compute
+  each job once.
 * :mod:`.executors`: :func:`run_study` and the executor registry (``local``: this machine's cores).
 * :mod:`.results`: :func:`load_results`, the stored jobs as one DataFrame.
 * :mod:`.analysis`: σ_S (:func:`spearman_table`), recipe agreement, findings, rankings (Figure 1b/1c)
@@ -54,6 +56,7 @@ from .executors import (
     run_study,
 )
 from .job import JobOutcome, SharedProxies, execute_job, failed_outcome, proxy_rows
+from .leases import HEARTBEAT_SECONDS, LEASE_SECONDS, JobLeases, Lease, lease_owner, read_leases
 from .plan import (
     EXACT_METHODS,
     FLAVOURS,
@@ -83,6 +86,8 @@ __all__ = [
     # running
     "StudySummary", "run_study", "Executor", "register_executor", "get_executor", "list_executors", "run_local",
     "default_workers", "available_cores",
+    # leases
+    "JobLeases", "Lease", "lease_owner", "read_leases", "LEASE_SECONDS", "HEARTBEAT_SECONDS",
     # results
     "load_results", "proxy_column", "proxy_names", "check_one_configuration", "CELL",
     # analysis

@@ -4,20 +4,27 @@ store).
 
 An executor is one function registered by name (:func:`register_executor`; ``run_study(...,
 executor=NAME)`` looks it up with :func:`get_executor`). It follows :class:`Executor`: run every job
-of ``jobs``, passing ``shared.get(job.proxy_key)`` (read when the job starts) as the proxies to reuse,
-and call ``record(outcome, job)`` in the calling process, one outcome at a time, as jobs end. ``record``
-stores the row and, when the job computed its proxies, adds them to ``shared`` for later jobs of the
-same ``proxy_key``; so an executor should hold back a job whose proxy key a job in flight is computing
-(or accept computing them twice). An executor never opens the store and never raises for a failing
-job: it records :func:`~lavp_core.study.job.failed_outcome` instead. Only ``local`` (this machine's
-cores, :func:`run_local`) exists; another backend (a Ray cluster, say) is one module that registers
-itself and is imported by ``lavp_core/study/__init__.py``.
+of ``jobs`` that ``claim(job)`` grants (ask just before starting the job; a job refused is skipped and
+not recorded: another runner on the same database holds it or finished it, see :mod:`.leases`),
+passing ``shared.get(job.proxy_key)`` (read after the claim) as the proxies to reuse, and call
+``record(outcome, job)`` in the calling process, one outcome at a time, as jobs end. ``record``
+stores the row, releases the job's lease and, when the job computed its proxies, adds them to
+``shared`` for later jobs of the same ``proxy_key``; so an executor should hold back a job whose proxy
+key a job in flight is computing (or accept computing them twice). An executor never opens the store
+and never raises for a failing job: it records :func:`~lavp_core.study.job.failed_outcome` instead.
+An executor that takes no ``claim`` argument still works: its jobs are all claimed before it starts.
+
+Executors: ``local`` (this machine's cores, :func:`run_local`). An executor of this package that
+needs a heavy package is listed in ``_LAZY_EXECUTORS`` and imported when first asked for.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
 import dataclasses
+import importlib
+import importlib.util
+import inspect
 import math
 import multiprocessing
 import os
@@ -27,53 +34,82 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..store import open_store
 from ..system import available_cores
 from .job import JobOutcome, SharedProxies, execute_job, failed_outcome
+from .leases import JobLeases
 from .plan import Job, StudyConfig, StudyPlan, plan_study
 
 Record = Callable[[JobOutcome, Job], None]
 """Stores one outcome (and shares its proxies); called by an executor in the calling process."""
+Claim = Callable[[Job], bool]
+"""Claims a job for this runner just before it starts; ``False``: skip it (another runner has it)."""
 
 
 class Executor(Protocol):
     def __call__(self, jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: Record, *,
-                 workers: int, threads: int, device: str) -> None:
-        """Run ``jobs`` (``workers`` at a time, ``threads`` torch threads each, on ``device``) and
-        ``record`` each outcome as it ends; see the module docstring for the contract."""
+                 workers: int, threads: int, device: str, claim: Claim) -> int | None:
+        """Run the ``jobs`` that ``claim`` grants (``workers`` at a time, ``threads`` torch threads
+        each, on ``device``) and ``record`` each outcome as it ends; see the module docstring for the
+        contract. Executor options (``run_study(..., executor_options=...)``) come as further keyword
+        arguments. May return the number of jobs it ran at once when it chose it itself."""
 
 
 _EXECUTORS: dict[str, Executor] = {}
+_DEFAULT_WORKERS: dict[str, Callable[[int], int]] = {}
+# Executors of this package imported when first asked for: name -> (module, the package it needs).
+_LAZY_EXECUTORS: dict[str, tuple[str, str]] = {}
 
 
-def register_executor(name: str) -> Callable[[Executor], Executor]:
-    """Decorator: register ``fn`` (an :class:`Executor`) as the study executor ``name``."""
+def register_executor(name: str, *, default_workers: Callable[[int], int] | None = None
+                      ) -> Callable[[Executor], Executor]:
+    """Decorator: register ``fn`` (an :class:`Executor`) as the study executor ``name``.
+    ``default_workers(threads)`` gives the ``workers`` it gets when the caller sets none (default:
+    :func:`default_workers`, this machine's cores // threads)."""
 
     def wrap(fn: Executor) -> Executor:
         _EXECUTORS[name] = fn
+        if default_workers is not None:
+            _DEFAULT_WORKERS[name] = default_workers
         return fn
 
     return wrap
 
 
 def get_executor(name: str) -> Executor:
-    """The executor registered as ``name``; ConfigError naming the registered ones otherwise."""
+    """The executor registered as ``name`` (importing this package's module for it on first use);
+    ConfigError naming the registered ones otherwise, or naming the package an executor needs."""
+    if name not in _EXECUTORS and name in _LAZY_EXECUTORS:
+        module, package = _LAZY_EXECUTORS[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"study executor {name!r} needs the {package!r} package, which is not installed: "
+                              f"pip install {package} (it is in requirements.txt)")
+        importlib.import_module(module)
     if name not in _EXECUTORS:
-        raise ConfigError(f"unknown study executor {name!r}: choose one of {', '.join(_EXECUTORS)}")
+        raise ConfigError(f"unknown study executor {name!r}: choose one of {', '.join(list_executors())}")
     return _EXECUTORS[name]
 
 
 def list_executors() -> list[str]:
-    """Names of the registered study executors."""
-    return list(_EXECUTORS)
+    """Names of the study executors (those registered and those imported when first asked for)."""
+    return list(dict.fromkeys([*_EXECUTORS, *_LAZY_EXECUTORS]))
+
+
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 @dataclass(frozen=True)
 class StudySummary:
     """What :func:`run_study` did. ``stored_before``: jobs already finished in the database;
     ``done``/``errors``: jobs run now that finished/failed; ``kept``: jobs run now whose row another
-    study had written meanwhile (that row was kept)."""
+    study had written meanwhile (that row was kept); ``skipped``: jobs left to another runner on the
+    same database (it held a live lease on them, or stored them while this run went on)."""
 
     name: str
     db: str
@@ -85,6 +121,7 @@ class StudySummary:
     seconds: float
     workers: int
     threads: int
+    skipped: int = 0
 
     @property
     def run(self) -> int:
@@ -108,8 +145,13 @@ def default_workers(threads: int = 1) -> int:
 
 def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers: int | None = None,
               threads: int = 1, device: str = "cpu", progress: bool = True,
-              on_job: Callable[[JobOutcome, str], None] | None = None, executor: str = "local") -> StudySummary:
+              on_job: Callable[[JobOutcome, str], None] | None = None, executor: str = "local",
+              executor_options: Mapping[str, object] | None = None) -> StudySummary:
     """Run the jobs of ``config`` that are not finished in ``db`` and store each one as it ends.
+
+    Each job is claimed with a lease in ``db`` just before it starts (:mod:`.leases`), so several
+    runners (processes, machines) on one database share its jobs and compute each once; the lease is
+    released when the job's row is written, and a runner that stops early releases the rest.
 
     Args:
         config: the study (validated by :func:`~lavp_core.study.plan.plan_study` before anything runs or
@@ -117,12 +159,13 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
         db: the results database (created when missing).
         workers: jobs run at once; for ``local``, worker processes (``spawn`` context), default
             :func:`default_workers` of ``threads``, and ``0`` runs the jobs in this process (no torch
-            thread setting is changed).
+            thread setting is changed); another executor may register its own default.
         threads: torch threads of each worker.
         device: ``cpu`` or ``cuda``.
         progress: show a tqdm bar with ETA on stderr.
         on_job: called with each outcome and the store's action (``inserted``/``replaced``/``kept``).
         executor: the registered executor that runs the jobs (:func:`list_executors`): ``local``.
+        executor_options: keyword options of the executor.
 
     Returns:
         A :class:`StudySummary`. A job that fails is stored with ``status = 'error'`` and the study
@@ -130,10 +173,14 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
     """
     plan = config if isinstance(config, StudyPlan) else plan_study(config)
     run_jobs = get_executor(executor)
+    options = dict(executor_options or {})
+    for name in options:
+        if name in ("claim", "workers", "threads", "device") or not _takes_keyword(run_jobs, name):
+            raise ConfigError(f"study executor {executor!r} takes no option {name!r}")
     threads = int(threads)
     if threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
-    workers = default_workers(threads) if workers is None else int(workers)
+    workers = _DEFAULT_WORKERS.get(executor, default_workers)(threads) if workers is None else int(workers)
     if workers < 0:
         raise ConfigError(f"workers must be 0 (run here) or more, got {workers}")
     began = time.perf_counter()
@@ -143,14 +190,26 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
         pending = [j for j in plan.jobs if stored.get(j.key) != "done"]
         shared: dict[str, SharedProxies] = {}
         for key in dict.fromkeys(j.proxy_key for j in pending):
-            found = store.cached_proxies(key)
-            if found is not None:
-                shared[key] = SharedProxies(found[0], tuple(found[1]), found[2], found[3])
-        counts = {"done": 0, "error": 0, "kept": 0}
+            _share_stored_proxies(store, key, shared)
+        leases = JobLeases(store)
+        leases.note_stored(j.key for j in pending)
+        counts = {"done": 0, "error": 0, "kept": 0, "skipped": 0}
         bar = _progress_bar(len(pending), plan.config.name, progress)
+
+        def claim(job: Job) -> bool:
+            if not leases.claim(job.key):
+                counts["skipped"] += 1
+                if bar is not None:  # another runner has it: it leaves this run's bar
+                    bar.total -= 1
+                    bar.set_postfix(errors=counts["error"], skipped=counts["skipped"])
+                return False
+            if job.proxy_key not in shared:  # another runner may have computed them meanwhile
+                _share_stored_proxies(store, job.proxy_key, shared)
+            return True
 
         def record(outcome: JobOutcome, job: Job) -> None:
             result = store.write_job(outcome.row, outcome.proxies)
+            leases.release(job.key)
             if result.action == "kept":
                 counts["kept"] += 1
             else:
@@ -163,15 +222,34 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
                 on_job(outcome, result.action)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(errors=counts["error"], refresh=False)
+                bar.set_postfix(errors=counts["error"], skipped=counts["skipped"], refresh=False)
 
+        used = None
         try:
-            run_jobs(pending, shared, record, workers=workers, threads=threads, device=device)
+            with leases.heartbeat():
+                if _takes_keyword(run_jobs, "claim"):
+                    used = run_jobs(pending, shared, record, workers=workers, threads=threads, device=device,
+                                    claim=claim, **options)
+                else:  # an executor that does not claim jobs itself: claim them all now
+                    mine = [job for job in pending if claim(job)]
+                    used = run_jobs(mine, shared, record, workers=workers, threads=threads, device=device,
+                                    **options)
         finally:
+            try:
+                leases.release_all()
+            except StoreError:  # the database is unavailable: the leases expire by themselves
+                pass
             if bar is not None:
                 bar.close()
     return StudySummary(plan.config.name, str(db), len(plan.jobs), len(plan.jobs) - len(pending), counts["done"],
-                        counts["error"], counts["kept"], time.perf_counter() - began, workers, threads)
+                        counts["error"], counts["kept"], time.perf_counter() - began,
+                        workers if used is None else int(used), threads, counts["skipped"])
+
+
+def _share_stored_proxies(store, proxy_key: str, shared: dict[str, SharedProxies]) -> None:
+    found = store.cached_proxies(proxy_key)
+    if found is not None:
+        shared.setdefault(proxy_key, SharedProxies(found[0], tuple(found[1]), found[2], found[3]))
 
 
 def _progress_bar(total: int, name: str, enabled: bool):
@@ -186,17 +264,23 @@ def _progress_bar(total: int, name: str, enabled: bool):
 # The local executor: this process, or a pool of spawned worker processes on this machine
 
 
-@register_executor("local")
+@register_executor("local", default_workers=default_workers)
 def run_local(jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: Record, *, workers: int,
-              threads: int, device: str) -> None:
+              threads: int, device: str, claim: Claim | None = None) -> None:
     """Run ``jobs`` on this machine: one by one in this process when ``workers`` is 0 (its torch
     threads untouched), else in a pool of ``workers`` spawned processes with ``threads`` torch threads
-    each (see :func:`_run_pool`)."""
+    each (see :func:`_run_pool`). ``claim`` (default: grant every job) is asked as each job starts."""
+    claim = claim or _grant
     if workers == 0:
         for job in jobs:
-            record(execute_job(job, shared.get(job.proxy_key), device), job)
+            if claim(job):
+                record(execute_job(job, shared.get(job.proxy_key), device), job)
     else:
-        _run_pool(list(jobs), shared, record, workers, threads, device)
+        _run_pool(list(jobs), shared, record, workers, threads, device, claim)
+
+
+def _grant(job: Job) -> bool:
+    return True
 
 
 def _init_worker(threads: int, parent: int) -> None:
@@ -225,7 +309,7 @@ def _worker_job(job: Job, shared: SharedProxies | None, device: str) -> JobOutco
 
 
 def _run_pool(pending: list[Job], shared: Mapping[str, SharedProxies], record: Record, workers: int,
-              threads: int, device: str) -> None:
+              threads: int, device: str, claim: Claim) -> None:
     """Keep ``workers`` jobs in flight. A job whose proxies another in-flight job is computing waits for
     them, so each (image, model) pair's proxies are computed once; only this process writes the store."""
     context = multiprocessing.get_context("spawn")
@@ -246,6 +330,8 @@ def _run_pool(pending: list[Job], shared: Mapping[str, SharedProxies], record: R
                 if pick is None:
                     break
                 job = queue.pop(pick)
+                if not claim(job):
+                    continue
                 reuse = shared.get(job.proxy_key)
                 if reuse is None:
                     computing.add(job.proxy_key)
