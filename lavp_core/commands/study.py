@@ -91,8 +91,14 @@ def _configure_study(p: argparse.ArgumentParser) -> None:
                    help="power-iteration budget of the paper recipe for each extreme (default 100)")
     p.add_argument("--tol", type=float, default=None, help="relative residual counted as converged (1e-4)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: cores // threads); 0 runs the jobs in this process")
+                   help="jobs at once: worker processes (default: cores // threads; 0 runs the jobs in this "
+                   "process); with --backend ray, Ray tasks in flight (default 0: as many as the cluster fits)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--backend", default="local",
+                   help="where jobs run: local (this machine's cores, default) or ray (a Ray cluster)")
+    p.add_argument("--address", default=None,
+                   help="with --backend ray: the cluster, 'auto' (the one 'ray start' began here, or "
+                   "$RAY_ADDRESS) or HOST:PORT of its head; default: a local Ray instance for this run")
     p.add_argument("--no-images", action="store_true", help="do not store reconstruction PNGs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--data-root", default=None, help="folder of CIFAR or an image folder")
@@ -137,14 +143,17 @@ def study_command(args) -> int:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
+    options = {} if args.address is None else {"address": args.address}
     summary = run_study(plan, args.db, workers=args.workers, threads=args.threads, device=args.device,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, executor=args.backend, executor_options=options)
     if args.json:
         from .base import print_json
 
         print_json(summary.to_dict())
     else:
         print(summarise(summary))
+        if summary.skipped:
+            print(f"{summary.skipped} job(s) left to another runner on {summary.db} (claimed or stored by it)")
     return 0
 
 

@@ -21,7 +21,8 @@ Modules, each using only those above it in this list:
 * :mod:`.job`: :func:`execute_job`, one job's attack, scores and proxies as rows to store.
 * :mod:`.leases`: :class:`JobLeases`, a runner's claims on jobs, so runners sharing a database compute
   each job once.
-* :mod:`.executors`: :func:`run_study` and the executor registry (``local``: this machine's cores).
+* :mod:`.executors`: :func:`run_study` and the executor registry (``local``: this machine's cores;
+  ``ray``: a Ray cluster, :mod:`.ray_executor`, imported only when a study runs on it).
 * :mod:`.results`: :func:`load_results`, the stored jobs as one DataFrame.
 * :mod:`.analysis`: σ_S (:func:`spearman_table`), recipe agreement, findings, rankings (Figure 1b/1c)
   and :func:`pick_disagreeing_images`.

@@ -14,8 +14,8 @@ key a job in flight is computing (or accept computing them twice). An executor n
 and never raises for a failing job: it records :func:`~lavp_core.study.job.failed_outcome` instead.
 An executor that takes no ``claim`` argument still works: its jobs are all claimed before it starts.
 
-Executors: ``local`` (this machine's cores, :func:`run_local`). An executor of this package that
-needs a heavy package is listed in ``_LAZY_EXECUTORS`` and imported when first asked for.
+Executors: ``local`` (this machine's cores, :func:`run_local`) and ``ray`` (a Ray cluster,
+:mod:`.ray_executor`, imported when first asked for, so that nothing else imports ray).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Executor(Protocol):
 _EXECUTORS: dict[str, Executor] = {}
 _DEFAULT_WORKERS: dict[str, Callable[[int], int]] = {}
 # Executors of this package imported when first asked for: name -> (module, the package it needs).
-_LAZY_EXECUTORS: dict[str, tuple[str, str]] = {}
+_LAZY_EXECUTORS: dict[str, tuple[str, str]] = {"ray": (f"{__package__}.ray_executor", "ray")}
 
 
 def register_executor(name: str, *, default_workers: Callable[[int], int] | None = None
@@ -159,13 +159,15 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
         db: the results database (created when missing).
         workers: jobs run at once; for ``local``, worker processes (``spawn`` context), default
             :func:`default_workers` of ``threads``, and ``0`` runs the jobs in this process (no torch
-            thread setting is changed); another executor may register its own default.
-        threads: torch threads of each worker.
+            thread setting is changed); for ``ray``, default ``0``: as many as the cluster has
+            ``threads`` CPUs (or GPUs) for.
+        threads: torch threads of each worker (for ``ray``, the CPUs each task reserves).
         device: ``cpu`` or ``cuda``.
         progress: show a tqdm bar with ETA on stderr.
         on_job: called with each outcome and the store's action (``inserted``/``replaced``/``kept``).
-        executor: the registered executor that runs the jobs (:func:`list_executors`): ``local``.
-        executor_options: keyword options of the executor.
+        executor: the registered executor that runs the jobs (:func:`list_executors`): ``local`` or
+            ``ray``.
+        executor_options: keyword options of the executor, e.g. ``{"address": "auto"}`` for ``ray``.
 
     Returns:
         A :class:`StudySummary`. A job that fails is stored with ``status = 'error'`` and the study
