@@ -176,8 +176,8 @@ def test_job_keys_are_stable_and_cover_the_grid():
 
 def test_unknown_executor_is_rejected_before_writing(tmp_path):
     db = tmp_path / "r.sqlite"
-    with pytest.raises(ConfigError, match="unknown study executor 'ray'.*local"):
-        run_study(TINY, db, executor="ray", progress=False)
+    with pytest.raises(ConfigError, match="unknown study executor 'slurm'.*local"):
+        run_study(TINY, db, executor="slurm", progress=False)
     assert not db.exists()
     assert "local" in list_executors()
 
@@ -360,8 +360,12 @@ def test_report_cli_formats(tiny_db, capsys):
     assert set(payload["table1"]["paper"]) == {"photos+L2", "photos+CS"}
     assert payload["table1"]["paper"]["photos+CS"]["l2_max"] == l2_max_cs
     assert cli.main(["report", "--db", str(db), "--format", "csv"]) == 0
-    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert set(frame["table"]) == {"table1", "table3"} and set(frame["row"]) == {"photos+L2", "photos+CS"}
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))  # tidy: one value per cell
+    assert set(frame["loss"]) == {"l2", "cos"} and set(frame["flavour"]) == {"paper"}
+    assert not frame.duplicated(["arch", "loss", "proxy", "flavour", "score"]).any()
+    cell = frame[(frame["arch"] == "mean") & (frame["loss"] == "cos") & (frame["proxy"] == "l2_max")
+                 & (frame["score"] == "mse")].iloc[0]
+    assert f"{cell['sigma']:.2f}" == l2_max_cs.split(" / ")[0] and cell["ci_low"] <= cell["sigma"] <= cell["ci_high"]
     assert cli.main(["report", "--db", str(db), "--rankings", "--images", "3,7,11", "--flavour", "paper",
                      "--format", "json"]) == 0
     ranks = json.loads(capsys.readouterr().out)
