@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from .base import command, default_device, print_json
+from .base import check_seed, command, default_device, print_json
 
 
 def _configure_train_generator(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def train_generator_command(args) -> int:
     from ..train_generator import GeneratorTrainConfig, train_generator
 
     config = GeneratorTrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                                  lr=args.lr, latent_dim=args.latent_dim, width=args.width, seed=args.seed)
+                                  lr=args.lr, latent_dim=args.latent_dim, width=args.width, seed=check_seed(args.seed))
     words = [a for a in sys.argv[1:] if a not in ("--resume", "--no-progress", "--json")]
     summary = train_generator(config, args.out, resume=args.resume, resume_path=args.checkpoint,
                               command=shlex.join(["python", "-m", "lavp_core", *words]),

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from ..errors import ConfigError
-from .base import command, default_device
+from .base import check_seed, command, default_device
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def train_command(args) -> int:
 
     out = args.out or str(trained_checkpoint_path(args.arch, args.dataset))
     config = TrainConfig(arch=args.arch, dataset=args.dataset, epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, seed=args.seed, data_root=args.data_root)
+                         batch_size=args.batch_size, seed=check_seed(args.seed), data_root=args.data_root)
     cmd = "python -m lavp_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     bar = tqdm(total=None, unit="step", desc=f"train {args.arch}", dynamic_ncols=True)
 
@@ -132,7 +132,7 @@ def study_command(args) -> int:
     if args.tol is not None:
         solver = replace(solver, tol=args.tol)
     config = StudyConfig(name=args.name, dataset=args.dataset, split=args.split, images=parse_images(args.images),
-                         archs=_split_names(args.archs), weights=_weights(args.weights), seed=args.seed,
+                         archs=_split_names(args.archs), weights=_weights(args.weights), seed=check_seed(args.seed),
                          losses=_split_names(args.losses), preset=args.preset, steps=args.steps,
                          restarts=args.restarts, lr=args.lr, tv_weight=args.tv, schedule=args.schedule,
                          proxy_losses=_split_names(args.proxy_losses), flavours=_split_names(args.flavours),
