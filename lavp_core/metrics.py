@@ -176,3 +176,15 @@ def to_uint8_image(image01: torch.Tensor) -> np.ndarray:
     if x.shape[0] == 1:
         x = x.repeat(3, 1, 1)
     return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def image_file_bytes(image01: torch.Tensor, fmt: str = "PNG") -> bytes:
+    """A (C, H, W) or (1, C, H, W) image in [0, 1] encoded as ``fmt`` (``PNG``, ``JPEG``) by Pillow."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8_image(image01)).save(buffer, format=fmt)
+    return buffer.getvalue()
+

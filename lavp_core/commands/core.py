@@ -161,12 +161,11 @@ def _print_attack(payload: dict) -> None:
 
 def _save_png(image01, path: Path) -> None:
     """Write the image (PNG or JPEG, from the suffix); a failure is a :class:`ConfigError` naming the path."""
-    from PIL import Image
-
-    from ..metrics import to_uint8_image
+    from ..metrics import image_file_bytes
 
     try:
-        Image.fromarray(to_uint8_image(image01)).save(path)
+        data = image_file_bytes(image01, "PNG" if path.suffix.lower() == ".png" else "JPEG")
+        path.write_bytes(data)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"could not save the reconstruction to {path} ({exc.__class__.__name__}: {exc}); the "
                           f"scores above are complete. Rerun with another --out") from exc

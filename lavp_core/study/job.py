@@ -5,7 +5,6 @@ touches the results database."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import socket
@@ -52,13 +51,9 @@ def _identity_row(job: Job) -> dict:
 
 def _png(image01) -> bytes:
     """A (C, H, W) image in [0, 1] as PNG bytes."""
-    from PIL import Image
+    from ..metrics import image_file_bytes
 
-    from ..metrics import to_uint8_image
-
-    buffer = io.BytesIO()
-    Image.fromarray(to_uint8_image(image01)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image_file_bytes(image01, "PNG")
 
 
 def proxy_rows(result: ProxyResult, flavour: Flavour) -> list[dict]:
