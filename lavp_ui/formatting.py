@@ -94,5 +94,43 @@ def loss_curve(history: Sequence[tuple[int, float]], *, title: str = "Matching l
                                marker={"size": 4}, name="best matching loss"))
     fig.update_layout(title=title, height=height, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                       xaxis_title="step", yaxis_title="matching loss (log)", showlegend=False)
-    fig.update_yaxes(type="log", dtick="D2")  # labels at 1, 2, 5 of each decade only
+    log_axis(fig, "y", [p[1] for p in points])
     return fig
+
+
+SUPERSCRIPTS = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+LOSS_NAMES = {"l2": "L2", "cos": "cosine"}  # the app's one label per attack loss ("CS" only in the paper's tables)
+
+
+def loss_name(loss: str) -> str:
+    """The app's label of an attack loss: ``l2`` → ``L2``, ``cos`` → ``cosine``."""
+    return LOSS_NAMES.get(loss, loss)
+
+
+def power_label(exponent: int) -> str:
+    """``-3`` → ``10⁻³``; ``0`` → ``1``; ``1`` → ``10``."""
+    return {0: "1", 1: "10"}.get(exponent, "10" + str(exponent).translate(SUPERSCRIPTS))
+
+
+def log_axis(fig, axis: str, values, *, row: int | None = None, col: int | None = None, title: str | None = None,
+             max_ticks: int = 7) -> None:
+    """Make ``axis`` ("x" or "y") of ``fig`` (or of its subplot ``row``, ``col``) a log axis labelled at powers
+    of ten only ("10⁻³"; never bare mantissas like "2 / 5" nor SI prefixes like "1f"): the range spans whole
+    decades around the finite positive ``values``, with every decade labelled (every second or third one
+    when they are many)."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size:
+        low, high = math.floor(math.log10(v.min())), math.ceil(math.log10(v.max()))
+    else:
+        low, high = 0, 1
+    high = max(high, low + 1)
+    step = max(1, math.ceil((high - low) / max_ticks))
+    exponents = list(range(low, high + 1, step))
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    kwargs = {} if row is None else {"row": row, "col": col}
+    if title is not None:
+        kwargs["title_text"] = title
+    update(type="log", range=[low, high], tickmode="array", tickvals=[10.0 ** e for e in exponents],
+           ticktext=[power_label(e) for e in exponents], exponentformat="power", showexponent="all",
+           minor={"showgrid": False}, **kwargs)

@@ -25,7 +25,12 @@ from .sidebar import keep_session_file, keep_valid, upload_key
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_DIR = ROOT / "assets" / "study"
-BUNDLED_STUDY = STUDY_DIR / "photos-default.sqlite"
+BUNDLED_STUDY = STUDY_DIR / "photos-random.sqlite"  # the default: the attacks leak there
+BUNDLED_LABELS = {  # the bundled studies by name, in the picker's order
+    "photos-random.sqlite": "random weights (attacks leak)",
+    "photos-training.sqlite": "training snapshots (epochs 0, 1, 5, 40)",
+    "photos-trained.sqlite": "trained (attacks fail)",
+}
 STUDY_DB_ENV = "LAVP_STUDY_DB"  # overrides the bundled study's path (used by the tests)
 RESULTS_DIR_ENV = "LAVP_RESULTS_DIR"  # a folder of results databases the server offers (made with `study --db`)
 SOURCES = {"bundled": "a bundled study", "server": "the server's results folder", "upload": "upload a database"}
@@ -38,10 +43,44 @@ def study_db_default() -> Path:
 
 
 def bundled_studies() -> list[Path]:
-    """The default database first, then the other bundled studies (``assets/study/*.sqlite``) that exist."""
+    """The default database first, then the other bundled studies (``assets/study/*.sqlite``) that exist
+    (the random-weight study is the default; when it is not there, the first bundled study that is)."""
     default = study_db_default()
-    others = sorted(p for p in STUDY_DIR.glob("*.sqlite") if p.is_file() and p.resolve() != default.resolve())
+    if STUDY_DB_ENV not in os.environ and not default.is_file():
+        present = [p for p in STUDY_DIR.glob("*.sqlite") if p.is_file()]
+        order = list(BUNDLED_LABELS)
+        present.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+        default = present[0] if present else default
+    order = list(BUNDLED_LABELS)
+    others = sorted((p for p in STUDY_DIR.glob("*.sqlite") if p.is_file() and p.resolve() != default.resolve()),
+                    key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     return [default, *others]
+
+
+def study_label(path: str | Path) -> str:
+    """A bundled study's name for people ("random weights (attacks leak)"), else the file's name."""
+    name = Path(path).name
+    return BUNDLED_LABELS.get(name, name)
+
+
+def model_state(df: pd.DataFrame) -> str:
+    """What the study's models were, in words, from its ``weights`` and ``arch`` columns."""
+    if df.empty or "weights" not in df:
+        return "unknown (the results carry no weights column)"
+    archs = ", ".join(sorted(str(a) for a in df["arch"].dropna().unique()))
+    states = sorted({str(w) for w in df["weights"].dropna()}, key=lambda w: (snapshot_epoch(w) or 0, w))
+    epochs = [snapshot_epoch(w) for w in states]
+    if states and all(e is not None for e in epochs):
+        return (f"{archs} at training snapshots after {', '.join(str(e) for e in epochs)} epochs "
+                f"({', '.join(states)}), the same images attacked at each")
+    words = {"random": "random initial weights, never trained", "trained": "trained weights (the bundled checkpoint)"}
+    return f"{archs} with " + "; ".join(words.get(w, f"weights '{w}'") for w in states)
+
+
+def snapshot_epoch(weights: str) -> int | None:
+    """``trained@5`` → 5; anything else → ``None``."""
+    head, _, epoch = str(weights).partition("@")
+    return int(epoch) if head == "trained" and epoch.isdigit() else None
 
 
 def results_dir() -> Path | None:
@@ -153,7 +192,9 @@ def database_picker(prefix: str) -> str | None:
     if len(found) > 1:
         names = [p.name for p in found]
         keep_valid(f"{prefix}.bundled", names)
-        name = st.selectbox("Study", names, key=f"{prefix}.bundled")
+        name = st.selectbox("Study", names, key=f"{prefix}.bundled", format_func=study_label,
+                            help="the bundled studies: random-weight lenet (attacks leak), lenet at training "
+                                 "snapshots, and trained lenet and resnet8 (attacks fail)")
         chosen = found[names.index(name)]
     else:
         chosen = found[0]

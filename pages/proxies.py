@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from lavp_core.hessian import METHODS
-from lavp_ui.formatting import fmt, proxies_frame, show_job_error, upscale
+from lavp_ui.formatting import fmt, log_axis, proxies_frame, show_job_error, upscale
 from lavp_ui.routing import draw_through_app
 from lavp_ui.serving import queue_text
 from lavp_ui.sidebar import describe_config, require_scenario
@@ -37,7 +37,7 @@ def spectra_figure(spectra: dict[str, np.ndarray]):
         rank = np.arange(1, values.size + 1)
         keep = values > 0
         fig.add_trace(go.Scattergl(x=rank[keep], y=values[keep], mode="lines", name=name), row=1, col=col)
-        fig.update_yaxes(type="log", title_text="eigenvalue (log)" if col == 1 else None, row=1, col=col)
+        log_axis(fig, "y", values[keep], row=1, col=col, title="eigenvalue (log)" if col == 1 else None)
         fig.update_xaxes(title_text="rank (largest first)", row=1, col=col)
     fig.update_layout(height=360, showlegend=False, margin={"l": 60, "r": 10, "t": 40, "b": 10})
     return fig
@@ -74,7 +74,9 @@ left.image(upscale(scenario.image01[0], 5), caption="x*, the client's image", ou
 right.markdown(
     "Each proxy is computed at the ground truth x*: the gradient norm ‖g*‖ and, for the L2 and cosine matching "
     "losses, the largest and smallest eigenvalue of the loss's Hessian (LAVP), plus the paper's loss-agnostic "
-    "fusion √(l2_max · cos_min). Larger values predict a worse reconstruction under that loss.")
+    "fusion √(l2_max · cos_min). The paper claims: larger values predict a worse reconstruction under that "
+    "loss. Whether they do in this app's models is measured on the Study page (σ_S with its interval, and "
+    "whether the attacks recovered the images at all); a value here is not a verdict on this image.")
 
 st.subheader("Every proxy, exactly, with the spectra")
 exact_task = known_proxies_task(config, "exact")

@@ -25,7 +25,7 @@ APP = str(ROOT / "app.py")
 PAGES = ("guide", "attack", "proxies", "study", "rankings")
 TITLES = {"guide": "LAVP Explorer", "attack": "Attack", "proxies": "Proxies", "study": "Study",
           "rankings": "Rankings"}
-BUNDLED = ROOT / "assets" / "study" / "photos-default.sqlite"
+BUNDLED = ROOT / "assets" / "study" / "photos-trained.sqlite"
 
 # A made-up study of six images on lenet: the L2 attack's MSE grows with the image's position in the list
 # and the cosine attack's shrinks (their rankings disagree), l2_max follows the L2 MSE and cos_min the
@@ -340,9 +340,10 @@ def test_study_page_plots_and_tabulates_the_database(study_db, monkeypatch):
     assert charts, "no scatter plot"
     figure = json.loads(charts[0].proto.spec)
     titles = [a["text"] for a in figure["layout"]["annotations"]]
-    assert len(titles) == 6 and all("σ_S" in t for t in titles)
+    assert len(titles) == 2 and all("σ_S" in t for t in titles)  # the L2 and the cosine panel of one proxy
     assert figure["layout"]["xaxis"]["type"] == "log" and figure["layout"]["yaxis"]["type"] == "log"
-    assert any(t.startswith("l2_max: σ_S = +1.00") for t in titles)  # l2_max follows the L2 MSE exactly
+    assert at.selectbox(key="study.proxy").value == "l2_max"
+    assert titles[0].startswith("L2 attack: σ_S = +1.00")  # l2_max follows the L2 MSE exactly
     table = next(f for f in frames(at) if f.index.name == "σ_S")
     assert {"photos+L2", "photos+CS"} <= set(table.index)
     assert {"grad_norm", "l2_max", "cos_min"} <= set(table.columns)
@@ -352,11 +353,13 @@ def test_study_page_plots_and_tabulates_the_database(study_db, monkeypatch):
 
 
 def test_study_and_rankings_pages_read_the_bundled_study(monkeypatch):
+    from lavp_ui.study_access import bundled_studies
+
     assert BUNDLED.is_file(), "the bundled study database is missing from assets/study"
     monkeypatch.delenv("LAVP_STUDY_DB", raising=False)
     at = open_page(app(), "study")
     assert not at.error, [e.value for e in at.error]
-    with open_store(BUNDLED, readonly=True) as store:
+    with open_store(bundled_studies()[0], readonly=True) as store:  # the study the page opens first
         partial = any(s["done"] < s["jobs"] for s in store.studies())
     assert partial == any("Partial study" in w.value for w in at.warning)
     assert at.get("plotly_chart") and any(f.index.name == "σ_S" for f in frames(at))
@@ -436,8 +439,8 @@ def test_rankings_page_shows_both_rankings_and_their_predictors(study_db, monkey
     assert l2_ranking == " > ".join(reversed(cos_ranking.split(" > ")))  # the made-up losses disagree fully
     table = next(f for f in frames(at) if "predicted ranking" in f.columns)
     row = table.set_index("proxy")
-    assert row.loc["l2_max", "matches L2"] == "✓" and row.loc["cos_min", "matches CS"] == "✓"
-    assert row.loc["grad_norm", "matches L2"] == "" and row.loc["grad_norm", "matches CS"] == ""
+    assert row.loc["l2_max", "matches L2"] == "✓" and row.loc["cos_min", "matches cosine"] == "✓"
+    assert row.loc["grad_norm", "matches L2"] == "" and row.loc["grad_norm", "matches cosine"] == ""
 
 
 def test_rankings_without_a_database_run_new_attacks_through_the_study_pipeline(tmp_path, monkeypatch):
@@ -446,6 +449,8 @@ def test_rankings_without_a_database_run_new_attacks_through_the_study_pipeline(
     at = open_page(app(tmp_path / "missing.sqlite", monkeypatch), "rankings")
     assert at.radio(key="rankings.mode").value == "new attacks" and len(at.radio(key="rankings.mode").options) == 1
     at.multiselect(key="rankings.new_images").set_value([0, 1]).run()
+    assert at.radio(key="rankings.budget").value == "reconstructs"  # the default budget recovers images
+    at.radio(key="rankings.budget").set_value("quick").run()  # 300 steps: enough to test the pipeline
     at.button(key="btn.rankings.run").click().run()
 
     def headers(at):

@@ -27,7 +27,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-BUNDLED = ROOT / "assets" / "study" / "photos-default.sqlite"
+BUNDLED = ROOT / "assets" / "study" / "photos-trained.sqlite"
+# The bundled studies the Study page offers, by the picker's label, and the screenshot of each.
+STUDY_SHOTS = (("photos-random.sqlite", "random weights (attacks leak)", "7-study-random.png"),
+               ("photos-training.sqlite", "training snapshots (epochs 0, 1, 5, 40)", "8-study-training.png"),
+               ("photos-trained.sqlite", "trained (attacks fail)", "9-study-trained.png"))
 TITLES = ("Guide", "Attack", "Proxies", "Study", "Rankings")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
@@ -159,6 +163,16 @@ def open_page(page, title: str, heading: str | None = None) -> None:
     wait_until_idle(page)
 
 
+def choose_study(page, label: str) -> None:
+    """Pick a bundled study by its label in the Study page's "Study" select box."""
+    box = page.locator('[data-testid="stSelectbox"]').filter(
+        has=page.locator('[data-testid="stWidgetLabel"]').get_by_text("Study", exact=True))
+    box.locator('[data-baseweb="select"]').click()
+    page.get_by_role("option", name=label, exact=True).click()
+    wait_until_idle(page)
+    box.get_by_text(label, exact=True).wait_for()
+
+
 def test_every_page_in_a_real_browser(browser, server):  # browser first: no server without chromium
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     requested: list[str] = []  # every URL the page asks for (documents, scripts, fonts, images, websockets)
@@ -213,6 +227,16 @@ def test_every_page_in_a_real_browser(browser, server):  # browser first: no ser
     assert points.count() > 0
     assert_no_error(page, "Study")
     page.screenshot(path=str(ARTIFACTS / "4-study.png"), full_page=True)
+
+    if "LAVP_STUDY_DB" not in os.environ and all((BUNDLED.parent / name).is_file() for name, _, _ in STUDY_SHOTS):
+        for _, label, shot in STUDY_SHOTS:  # each bundled study, chosen by its name in the Study picker
+            choose_study(page, label)
+            chart = page.locator('[data-testid="stPlotlyChart"]')
+            chart.first.locator(".scatterlayer .point").first.wait_for(state="attached")
+            page.get_by_text(re.compile(r"model state:")).first.wait_for()
+            assert_no_error(page, f"Study: {label}")
+            page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+        choose_study(page, STUDY_SHOTS[0][1])
 
     open_page(page, "Rankings")
     page.get_by_text(re.compile(r"L2 attack:")).first.wait_for()
