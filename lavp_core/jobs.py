@@ -179,6 +179,45 @@ class SlotQueue:
             return len(self._holders), len(self._waiting)
 
 
+class SharedSlot:
+    """One place in a :class:`SlotQueue` shared by a group of jobs that compute together (the Attack page's
+    L2 and cosine runs of one comparison): the first member to ask waits in the queue for one slot, the
+    others join it, and the slot is released when the last member ends. The server-wide cap counts the
+    group as one computation; each member still claims its own kind on the :class:`JobBoard`.
+
+    It has :class:`SlotQueue`'s interface (``slots``, :meth:`acquire`, :meth:`release`, :meth:`position`,
+    :meth:`load`), so a job takes it where it would take the queue.
+    """
+
+    def __init__(self, queue: SlotQueue):
+        self.queue = queue
+        self.slots = queue.slots
+        self._lock = threading.Lock()  # held while the first member waits, so the others join its slot
+        self._members: set[int] = set()
+
+    def acquire(self, token: int, cancelled: Callable[[], bool], poll: float = 0.1) -> bool:
+        """Join the group's slot (waiting for it in the queue if no member holds it yet)."""
+        with self._lock:
+            if not self._members and not self.queue.acquire(id(self), cancelled, poll):
+                return False
+            self._members.add(token)
+            return True
+
+    def release(self, token: int) -> None:
+        with self._lock:
+            if token in self._members:
+                self._members.discard(token)
+                if not self._members:
+                    self.queue.release(id(self))
+
+    def position(self, token: int) -> int | None:
+        """The group's place among the waiting jobs (``None`` once it computes)."""
+        return self.queue.position(id(self))
+
+    def load(self) -> tuple[int, int]:
+        return self.queue.load()
+
+
 class _ThreadedWork:
     """What both kinds of background work share: a daemon worker thread started once, a lock over the
     state, an end state (done, cancelled or failed with a :class:`JobError`) and the elapsed time.
@@ -186,7 +225,7 @@ class _ThreadedWork:
     and :meth:`_cancel_requested`. With a :class:`SlotQueue`, the body waits for a slot first; a job
     stopped while it waits ends cancelled without computing, and its elapsed time starts with the body."""
 
-    def __init__(self, name: str, slots: SlotQueue | None = None):
+    def __init__(self, name: str, slots: SlotQueue | SharedSlot | None = None):
         self._name = name
         self._slots = slots
         self._lock = threading.Lock()
@@ -273,7 +312,7 @@ class BackgroundAttack(_ThreadedWork):
     """
 
     def __init__(self, run: PresetRun, *, summarize: Callable[[AttackOutcome], Any] | None = None,
-                 name: str = "lavp-attack", slots: SlotQueue | None = None):
+                 name: str = "lavp-attack", slots: SlotQueue | SharedSlot | None = None):
         super().__init__(name, slots)
         self.run = run
         self._summarize = summarize

@@ -88,6 +88,16 @@ def live_area(render: Callable[[], None], is_running: Callable[[], bool], *, int
     st.fragment(run_every=interval if polling else None)(body)()
 
 
+def eta_text(done: int, total: int, elapsed: float) -> str:
+    """The time left at the run's own speed so far (``done`` of ``total`` steps in ``elapsed`` seconds), in
+    words; empty until the run has made progress."""
+    if total <= 0 or done <= 0 or elapsed <= 0 or done >= total:
+        return ""
+    rate = done / elapsed
+    left = (total - done) / rate
+    return f"about {left:.0f} s left at this run's speed ({rate:,.0f} steps/s so far)"
+
+
 def proxies_task(config: ScenarioConfig, method: str) -> BackgroundTask:
     """The shared background computation of every proxy of ``config``'s image with ``method``."""
     from lavp_core.proxies import compute_proxies
