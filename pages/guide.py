@@ -25,7 +25,8 @@ st.markdown(
     "$1 - \\cos(g_w(x), g^*)$ (Inverting Gradients, GIFD). As the paper assumes, the server knows the label.")
 st.markdown(
     "Some images come back almost perfectly, others stay noise, and the paper claims that **which images are "
-    "most exposed depends on the matching loss**: image B may be rebuilt better than image C with the cosine loss and worse with L2 "
+    "most exposed depends on the matching loss**: image B may be rebuilt better than image C with the cosine "
+    "loss and worse with L2 "
     "(the paper's Figure 1b). The gradient norm $\\lVert g^*\\rVert$, the usual vulnerability proxy, is the same "
     "whatever the loss, so, the paper argues, it cannot explain this.")
 
