@@ -3,7 +3,8 @@ port, Debian's chromium driven by Playwright, as in ``test_browser.py``).
 
 Turns on "Compare L2 and cosine", runs both attacks with a short budget, waits for both reconstructions,
 each run's own LAVP table and the verdict sentence, checks that no error box or traceback appears and that
-the page requests nothing outside the local server, and saves ``test-artifacts/browser/6-compare.png``.
+the page requests nothing outside the local server, and saves ``test-artifacts/browser/6-compare.png`` (the
+live view) and ``6-compare-outcome.png`` (scores, each run's LAVP and the verdict).
 
 Needs the Debian package ``chromium``; without it this test skips with one line saying how to run it,
 except under ``CI=true``, where it fails.
@@ -159,6 +160,10 @@ def test_compare_mode_in_a_real_browser(browser, server):  # browser first: no s
     wait_until_idle(page)
     assert page.locator('[data-testid="stDataFrame"]').count() >= 4  # each run's scores and its own LAVP
     page.screenshot(path=str(ARTIFACTS / "6-compare.png"), full_page=True)
+    verdict = page.get_by_text(re.compile(r"leaked more|same SSIM")).first
+    verdict.scroll_into_view_if_needed()  # the app scrolls inside its main block: a second shot of the outcome
+    wait_until_idle(page)
+    page.screenshot(path=str(ARTIFACTS / "6-compare-outcome.png"))
     assert_no_error(page, "Attack, compare mode")
     assert not outside_requests(requested), outside_requests(requested)
     context.close()
