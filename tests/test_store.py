@@ -206,7 +206,7 @@ def test_concurrent_writers_keep_every_row(tmp_path):
 
 
 def test_a_schema_1_database_is_read_as_is_and_migrated_by_a_writer(tmp_path):
-    """The bundled study is schema 1: a reader leaves it untouched (new columns read as NaN); the first
+    """A schema-1 database (the bundled trained study before its migration): a reader leaves it untouched (new columns read as NaN); the first
     writer adds rel_mse and correlation from the stored PNGs, and the leases table, in one transaction."""
     import shutil
 
@@ -214,9 +214,15 @@ def test_a_schema_1_database_is_read_as_is_and_migrated_by_a_writer(tmp_path):
 
     from lavp_core.study import load_results
 
-    bundled = Path(__file__).resolve().parent.parent / "assets" / "study" / "photos-default.sqlite"
+    bundled = Path(__file__).resolve().parent.parent / "assets" / "study" / "photos-trained.sqlite"
     db = tmp_path / "old.sqlite"
     shutil.copy(bundled, db)
+    with sqlite3.connect(db) as conn:  # back to schema 1, as the bundled study was before its migration
+        conn.execute("ALTER TABLE jobs DROP COLUMN rel_mse")
+        conn.execute("ALTER TABLE jobs DROP COLUMN correlation")
+        conn.execute("DROP TABLE leases")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
     before = db.read_bytes()
     old = load_results(db)
     assert old["rel_mse"].isna().all() and old["correlation"].isna().all()
