@@ -164,13 +164,22 @@ def open_page(page, title: str, heading: str | None = None) -> None:
 
 
 def choose_study(page, label: str) -> None:
-    """Pick a bundled study by its label in the Study page's "Study" select box."""
-    box = page.locator('[data-testid="stSelectbox"]').filter(
-        has=page.locator('[data-testid="stWidgetLabel"]').get_by_text("Study", exact=True))
-    box.locator('[data-baseweb="select"]').click()
-    page.get_by_role("option", name=label, exact=True).click()
+    """Pick a bundled study by its label in the Study page's "Study" select box (a combobox named "Study"),
+    then wait for the page to name it beside its model state."""
+    box = page.get_by_role("combobox", name="Study", exact=True)
+    box.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    box.click()
+    option = page.get_by_role("option", name=label, exact=True)
+    try:
+        option.wait_for(timeout=5_000)
+    except Exception:  # the list did not open (the click landed while the page scrolled): open it by key
+        box.focus()
+        page.keyboard.press("ArrowDown")
+    option.click()
     wait_until_idle(page)
-    box.get_by_text(label, exact=True).wait_for()
+    page.locator('[data-testid="stMarkdownContainer"] strong').filter(
+        has_text=re.compile(f"^{re.escape(label)}$")).first.wait_for()
 
 
 def test_every_page_in_a_real_browser(browser, server):  # browser first: no server without chromium
@@ -231,10 +240,16 @@ def test_every_page_in_a_real_browser(browser, server):  # browser first: no ser
     if "LAVP_STUDY_DB" not in os.environ and all((BUNDLED.parent / name).is_file() for name, _, _ in STUDY_SHOTS):
         for _, label, shot in STUDY_SHOTS:  # each bundled study, chosen by its name in the Study picker
             choose_study(page, label)
+            page.wait_for_timeout(1000)
+            wait_until_idle(page)
             chart = page.locator('[data-testid="stPlotlyChart"]')
             chart.first.locator(".scatterlayer .point").first.wait_for(state="attached")
             page.get_by_text(re.compile(r"model state:")).first.wait_for()
             assert_no_error(page, f"Study: {label}")
+            # the page scrolls inside its own container, so a screenshot shows what is in view: the plots
+            (chart.nth(1) if chart.count() > 1 and "training" in label else chart.first).scroll_into_view_if_needed()
+            page.wait_for_timeout(1000)
+            wait_until_idle(page)  # the σ_S of a newly chosen study are computed after its first lines show
             page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
         choose_study(page, STUDY_SHOTS[0][1])
 
