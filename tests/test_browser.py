@@ -14,147 +14,56 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from browser_support import (
+    ARTIFACTS,
+    ROOT,
+    assert_no_error,
+    launch_chromium,
+    outside_requests,
+    serve_app,
+    skip_without_chromium,
+)
+from browser_support import wait_until_idle as _wait_until_idle
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts" / "browser"
 BUNDLED = ROOT / "assets" / "study" / "photos-trained.sqlite"
-# The bundled studies the Study page offers, by the picker's label, and the screenshot of each.
 STUDY_SHOTS = (("photos-random.sqlite", "random weights (attacks leak)", "7-study-random.png"),
                ("photos-training.sqlite", "training snapshots (epochs 0, 1, 5, 40)", "8-study-training.png"),
                ("photos-trained.sqlite", "trained (attacks fail)", "9-study-trained.png"))
 TITLES = ("Guide", "Attack", "Proxies", "Study", "Rankings")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
-START_SECONDS = 180
 PAGE_MS = 120_000
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-LOCAL_HOSTS = ("127.0.0.1", "localhost")
-
-
-def chromium_path() -> str | None:
-    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
-
-
-CHROMIUM = chromium_path()
-MISSING = ("Debian's chromium is not installed, so the browser test did not run; to run it: "
-           "apt-get install chromium, then make test")
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-if CHROMIUM is None and not IN_CI:  # under CI=true the browser fixture fails instead
-    pytest.skip(MISSING, allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+skip_without_chromium()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app served by `streamlit run` on a free loopback port; yields its URL."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if not BUNDLED.is_file():  # the bundled study is not there yet: serve a small made-up one
+    env = {}
+    if not BUNDLED.is_file():  # the bundled study is not there: serve a small made-up one
         from test_app import make_study_db
 
         env["LAVP_STUDY_DB"] = str(make_study_db(tmp_path_factory.mktemp("browser") / "study.sqlite"))
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(ARTIFACTS / "streamlit.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.address",
-         "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start (see {ARTIFACTS / 'streamlit.log'})")
-            time.sleep(0.5)
+    with serve_app("streamlit.log", **env) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        pytest.fail(f"{MISSING} (CI=true requires it)", pytrace=False)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("Playwright for Python is missing: pip install -r requirements-dev.txt")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with launch_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 def wait_until_idle(page) -> None:
-    """Wait until the script run has finished (the 'running' indicator is gone)."""
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=PAGE_MS)
-    wait_for_images(page)
-
-
-def wait_for_images(page, timeout_ms: int = 20_000) -> None:
-    """Give the images in view time to load before a screenshot (best effort: what the test asserts about
-    images it checks itself; images the browser loads lazily out of view never count)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    script = """() => Array.from(document.images).every(i => (i.complete && i.naturalWidth > 0)
-        || (i.loading === 'lazy' && i.getBoundingClientRect().top > window.innerHeight))"""
-    try:
-        page.wait_for_function(script, timeout=timeout_ms)
-    except PlaywrightTimeout:
-        pass
-
-
-def assert_no_error(page, where: str) -> None:
-    errors = page.locator('[data-testid="stAlertContentError"]')
-    exceptions = page.locator('[data-testid="stException"]')
-    assert errors.count() == 0, f"{where}: error box: {errors.first.inner_text()}"
-    assert exceptions.count() == 0, f"{where}: traceback: {exceptions.first.inner_text()}"
+    _wait_until_idle(page, PAGE_MS)
 
 
 def nav_titles(page) -> list[str]:
     links = page.locator('[data-testid="stSidebarNavLink"]')
     return [links.nth(i).inner_text().strip() for i in range(links.count())]
-
-
-def outside_requests(urls: list[str]) -> list[str]:
-    """The URLs that are not on the local server (data: and blob: URLs never leave the browser)."""
-    return sorted({url for url in urls if urlsplit(url).scheme not in ("data", "blob", "about")
-                   and urlsplit(url).hostname not in LOCAL_HOSTS})
 
 
 def open_page(page, title: str, heading: str | None = None) -> None:

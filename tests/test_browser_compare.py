@@ -12,126 +12,40 @@ except under ``CI=true``, where it fails.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
+from browser_support import (
+    ARTIFACTS,
+    assert_no_error,
+    launch_chromium,
+    outside_requests,
+    serve_app,
+    skip_without_chromium,
+)
+from browser_support import wait_until_idle as _wait_until_idle
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-START_SECONDS = 180
 PAGE_MS = 180_000
-LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def chromium_path() -> str | None:
-    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
-
-
-CHROMIUM = chromium_path()
-MISSING = ("Debian's chromium is not installed, so the browser test did not run; to run it: "
-           "apt-get install chromium, then make test")
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-if CHROMIUM is None and not IN_CI:  # under CI=true the browser fixture fails instead
-    pytest.skip(MISSING, allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+skip_without_chromium()
 
 
 @pytest.fixture(scope="module")
 def server():
     """The app served by `streamlit run` on a free loopback port; yields its URL."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(ARTIFACTS / "streamlit-compare.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.address",
-         "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start (see {ARTIFACTS / 'streamlit-compare.log'})")
-            time.sleep(0.5)
+    with serve_app("streamlit-compare.log") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        pytest.fail(f"{MISSING} (CI=true requires it)", pytrace=False)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("Playwright for Python is missing: pip install -r requirements-dev.txt")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with launch_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 def wait_until_idle(page) -> None:
-    """Wait until the script run has finished (the 'running' indicator is gone) and images have loaded."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=PAGE_MS)
-    script = """() => Array.from(document.images).every(i => (i.complete && i.naturalWidth > 0)
-        || (i.loading === 'lazy' && i.getBoundingClientRect().top > window.innerHeight))"""
-    try:
-        page.wait_for_function(script, timeout=20_000)
-    except PlaywrightTimeout:
-        pass
-
-
-def assert_no_error(page, where: str) -> None:
-    errors = page.locator('[data-testid="stAlertContentError"]')
-    exceptions = page.locator('[data-testid="stException"]')
-    assert errors.count() == 0, f"{where}: error box: {errors.first.inner_text()}"
-    assert exceptions.count() == 0, f"{where}: traceback: {exceptions.first.inner_text()}"
-
-
-def outside_requests(urls: list[str]) -> list[str]:
-    """The URLs that are not on the local server (data: and blob: URLs never leave the browser)."""
-    return sorted({url for url in urls if urlsplit(url).scheme not in ("data", "blob", "about")
-                   and urlsplit(url).hostname not in LOCAL_HOSTS})
+    _wait_until_idle(page, PAGE_MS)
 
 
 def test_compare_mode_in_a_real_browser(browser, server):  # browser first: no server without chromium

@@ -4,96 +4,38 @@ Start a long attack on the Attack page and reload the page, three times: each re
 session, and the old session's attack (which no Stop button can reach any more) must be stopped within
 seconds. The Attack page's server line says how many computations run, so a fourth visit reads it.
 
-Needs the Debian package ``chromium`` (as ``tests/test_browser.py``); skips with one line without it.
+Needs the Debian package ``chromium`` (as ``tests/test_browser.py``): skips with one line without it,
+except under ``CI=true``, where it fails.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from browser_support import ARTIFACTS, launch_chromium, serve_app, skip_without_chromium, wait_until_idle
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts" / "browser"
 PAGE_MS = 120_000
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def _chromium() -> str | None:
-    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+skip_without_chromium()
 
 
 @pytest.fixture(scope="module")
 def chromium():
-    path = _chromium()
-    if path is None:
-        pytest.skip("Debian's chromium is not installed, so the reload test did not run; apt-get install chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Playwright for Python is missing: pip install -r requirements-dev.txt")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=path, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+    with launch_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
 def server(chromium):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log = open(ARTIFACTS / "streamlit-reload.log", "w")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), LAVP_MAX_JOBS="1")  # one slot: the others wait in line
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.address",
-         "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("streamlit did not start (see test-artifacts/browser/streamlit-reload.log)")
-            time.sleep(0.5)
+    with serve_app("streamlit-reload.log", LAVP_MAX_JOBS="1") as url:  # one slot: the others wait in line
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
 
 
 def _idle(page) -> None:
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=PAGE_MS)
+    wait_until_idle(page, PAGE_MS, images=False)
 
 
 def _server_line(page) -> str:

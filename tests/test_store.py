@@ -206,7 +206,8 @@ def test_concurrent_writers_keep_every_row(tmp_path):
 
 
 def test_a_schema_1_database_is_read_as_is_and_migrated_by_a_writer(tmp_path):
-    """A schema-1 database (the bundled trained study before its migration): a reader leaves it untouched (new columns read as NaN); the first
+    """A schema-1 database (the bundled trained study before its migration): a reader leaves it untouched
+    (new columns read as NaN); the first
     writer adds rel_mse and correlation from the stored PNGs, and the leases table, in one transaction."""
     import shutil
 

@@ -3,7 +3,7 @@ identified by the SHA-256 of the canonical JSON of its full configuration (:attr
 
 Only settings that can change a stored value enter a job's key (see :func:`keyed_solver_settings`),
 so rerunning a study skips finished jobs and tuning an unused solver does not rerun anything. Job keys
-of stored databases (e.g. the bundled ``assets/study/photos-default.sqlite``) depend on every byte of
+of stored databases (e.g. the bundled ``assets/study/photos-random.sqlite``) depend on every byte of
 that JSON: change it only with :data:`JOB_FORMAT`.
 """
 
