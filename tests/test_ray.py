@@ -184,7 +184,8 @@ def test_ray_runs_a_study_to_the_same_keys_and_scores_as_the_local_pool(tmp_path
         assert there[column].to_numpy() == pytest.approx(here[column].to_numpy(), rel=1e-6, abs=1e-12), column
     assert (there["proxies_from"].notna().sum(), here["proxies_from"].notna().sum()) == (4, 4)
     assert sorted(set(there["weights"])) == sorted({"random", str(checkpoint)})  # the job's own weights
-    assert (Path(tempfile.gettempdir()) / CHECKPOINT_CACHE / f"{sha256_file(checkpoint)}.pt").is_file()
+    cache = Path(tempfile.gettempdir()) / f"{CHECKPOINT_CACHE}-{os.getuid()}"
+    assert (cache / f"{sha256_file(checkpoint)}.pt").is_file()
     driver = f"{socket.gethostname()}:{os.getpid()}"
     assert driver not in set(there["worker"]) and set(here["worker"]) == {driver}  # Ray's workers ran them
     with open_store(tmp_path / "ray.sqlite", readonly=True) as store:
@@ -291,3 +292,23 @@ def test_cli_refuses_address_without_backend_ray(tmp_path, capsys):
                      "--losses", "l2", "--address", "auto", "--no-progress"])
     assert code == 2 and "takes no option 'address'" in capsys.readouterr().err
     assert not db.exists()
+
+
+def test_a_planted_checkpoint_in_the_cache_is_not_trusted():
+    """The workers' cache holds a checkpoint under its SHA-256; a file planted there with other content is
+    replaced, not used."""
+    import hashlib
+
+    from lavp_core.study.ray_executor import _cached_checkpoint, checkpoint_cache_folder
+
+    payload = os.urandom(64)
+    digest = hashlib.sha256(payload).hexdigest()
+    planted = checkpoint_cache_folder() / f"{digest}.pt"
+    planted.write_bytes(b"not the checkpoint")
+    try:
+        path = _cached_checkpoint(payload, digest)
+        assert path == planted and path.read_bytes() == payload
+        assert (checkpoint_cache_folder().stat().st_mode & 0o777) == 0o700
+    finally:
+        planted.unlink(missing_ok=True)
+

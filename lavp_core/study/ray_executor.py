@@ -139,6 +139,36 @@ def _checkpoint(job: Job) -> Path | None:
     return checkpoint_for(job.arch, job.weights, job.dataset)
 
 
+def checkpoint_cache_folder() -> Path:
+    """This user's checkpoint cache on a worker: a 0700 folder it owns (refused otherwise)."""
+    import stat
+
+    folder = Path(tempfile.gettempdir()) / f"{CHECKPOINT_CACHE}-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(f"{folder} is not a private folder of this user (a link, another owner, or open to "
+                          f"others); remove it and run the study again")
+    return folder
+
+
+def _cached_checkpoint(checkpoint: bytes, sha256: str | None) -> Path:
+    """The shipped checkpoint as a file in the private cache; a cached file is used only if its SHA-256 is
+    the one the plan recorded, and a new one is written under a fresh name, then moved into place."""
+    from ..hashing import sha256_file
+
+    folder = checkpoint_cache_folder()
+    path = folder / f"{sha256}.pt"
+    if path.is_file() and not path.is_symlink() and sha256_file(path) == sha256:
+        return path
+    partial = folder / f"{sha256}.{os.getpid()}.{os.urandom(4).hex()}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(checkpoint)
+    os.replace(partial, path)
+    return path
+
+
 def run_job_on_worker(job: Job, shared: SharedProxies | None, device: str, threads: int,
                       checkpoint: bytes | None) -> JobOutcome:
     """A Ray task: run ``job`` here with ``threads`` torch threads, its model built from the shipped
@@ -148,13 +178,7 @@ def run_job_on_worker(job: Job, shared: SharedProxies | None, device: str, threa
     torch.set_num_threads(threads)
     run = job
     if checkpoint is not None:
-        folder = Path(tempfile.gettempdir()) / CHECKPOINT_CACHE
-        path = folder / f"{job.weights_sha256}.pt"
-        if not path.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            partial.write_bytes(checkpoint)
-            os.replace(partial, path)
+        path = _cached_checkpoint(checkpoint, job.weights_sha256)
         run = dataclasses.replace(job, weights=str(path))
     outcome = execute_job(run, shared, device)
     outcome.row["weights"] = job.weights
