@@ -103,8 +103,9 @@ def preset_config(name: str, **overrides) -> AttackConfig:
     """An optimisation preset's configuration with ``overrides`` (``None`` values are ignored), validated."""
     preset = get_preset(name)
     if not isinstance(preset.config, AttackConfig):
-        raise ConfigError(f"preset {name!r} is a {preset.kind} attack, not one of this engine's: "
-                          f"choose one of {', '.join(p.name for p in list_presets() if p.kind == 'optimisation')}")
+        engine = ", ".join(p.name for p in list_presets() if isinstance(p.config, AttackConfig))
+        raise ConfigError(f"preset {name!r} is not one of this engine's ({preset.kind} attack): choose one of "
+                          f"{engine}")
     known = {f.name for f in fields(AttackConfig)}
     unknown = set(overrides) - known
     if unknown:

@@ -246,7 +246,7 @@ def plan_study(config: StudyConfig) -> StudyPlan:
     preset = get_preset(config.preset)
     if not preset.attack_kind.studied:
         studied = ", ".join(p.name for p in list_presets() if p.attack_kind.studied)
-        raise ConfigError(f"preset {preset.name!r} is a {preset.kind} attack, which studies do not run: "
+        raise ConfigError(f"preset {preset.name!r} is an attack of kind {preset.kind}, which studies do not run: "
                           f"choose one of {studied}")
     attacks = {loss: preset_config(config.preset, loss=loss, steps=config.steps, restarts=config.restarts,
                                    lr=config.lr, tv_weight=config.tv_weight, schedule=config.schedule)
