@@ -43,3 +43,21 @@ def assert_model_unchanged(model: torch.nn.Module, before: dict) -> None:
             assert torch.equal(got, value)
     for name, value in before["buffers"].items():
         assert torch.equal(after["buffers"][name], value), f"buffer {name} changed"
+
+
+def wait_for_app(at, found, timeout: float = 240.0, what: str = "the result"):
+    """Rerun an AppTest script (as a page's polling fragment would) until ``found(at)`` is truthy."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        value = found(at)
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not appear within {timeout:.0f} s; errors: "
+                                 f"{[e.value for e in at.error]}")
+        time.sleep(0.5)
+

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import wait_for_app
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -113,26 +114,16 @@ def metrics_table(at: AppTest) -> pd.DataFrame | None:
     return None
 
 
+def wait_for(at: AppTest, found, timeout: float = 180.0, what: str = "the result"):
+    return wait_for_app(at, found, timeout, what)
+
+
 def proxies_table(at: AppTest) -> pd.DataFrame | None:
     for frame in frames(at):
         if "proxy" in frame.columns and "meaning" in frame.columns:
             return frame
     return None
 
-
-def wait_for(at: AppTest, found, timeout: float = 180.0, what: str = "the result"):
-    """Rerun the script (as the page's polling fragment would) until ``found(at)`` is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        value = found(at)
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not appear within {timeout:.0f} s; errors: "
-                                 f"{[e.value for e in at.error]}")
-        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("page", PAGES)

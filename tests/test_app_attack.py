@@ -74,9 +74,9 @@ def test_reference_lavp_keeps_one_value_per_image_of_the_same_model():
 # --------------------------------------------------------------------------------------------
 # The Attack page (AppTest: the real code paths, background threads included)
 
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from conftest import wait_for_app  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from lavp_core import jobs  # noqa: E402
@@ -105,20 +105,6 @@ def open_attack(at: AppTest) -> AppTest:
     assert not at.exception, [e.value for e in at.exception]
     return at
 
-
-def wait_for(at: AppTest, found, timeout: float = 240.0, what: str = "the result"):
-    """Rerun the script (as the page's polling fragment would) until ``found(at)`` is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        value = found(at)
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not appear within {timeout:.0f} s; errors: "
-                                 f"{[e.value for e in at.error]}")
-        time.sleep(0.5)
 
 
 def proxy_tables(at: AppTest) -> list[set[str]]:
@@ -153,7 +139,7 @@ def test_a_running_attack_shows_its_time_left_from_its_own_speed():
     at = open_attack(app())
     at.number_input(key="attack.steps").set_value(5000)
     at.button(key="btn.attack.run").click().run()
-    text = wait_for(at, lambda a: next((t for t in progress_texts(a) if "s left at this run's speed" in t), None),
+    text = wait_for_app(at, lambda a: next((t for t in progress_texts(a) if "s left at this run's speed" in t), None),
                     timeout=60, what="the time left")
     assert "steps/s so far" in text
     at.button(key="btn.attack.stop").click().run()
@@ -175,11 +161,11 @@ def test_compare_mode_runs_both_losses_at_once_each_beside_its_own_proxies():
     outcomes = {loss: job.view().outcome for loss, job in record.jobs.items()}
     assert all(o.steps == 30 and not o.cancelled for o in outcomes.values())
     assert {o.details.get("loss", loss) for loss, o in outcomes.items()} == {"l2", "cos"}
-    tables = wait_for(at, lambda a: proxy_tables(a) if len(proxy_tables(a)) == 2 else None,
+    tables = wait_for_app(at, lambda a: proxy_tables(a) if len(proxy_tables(a)) == 2 else None,
                       what="both runs' proxies")
     assert {"l2_max", "l2_min"} in tables and {"cos_max", "cos_min"} in tables  # each its own loss's LAVP
     assert any("grad_norm" in m.value for m in at.markdown)  # once, above both
-    sentence = wait_for(at, lambda a: next((i.value for i in a.info if "leaked more" in i.value
+    sentence = wait_for_app(at, lambda a: next((i.value for i in a.info if "leaked more" in i.value
                                             or "same SSIM" in i.value), None), what="the verdict")
     ssim = {loss: job.view().summary["ssim"] for loss, job in record.jobs.items()}
     winner = "cosine" if ssim["cos"] > ssim["l2"] else "L2"
