@@ -44,6 +44,21 @@ def add_scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+THREADS_HELP = ("torch CPU threads of this command (default: $OMP_NUM_THREADS when set, else 1, the fastest "
+                "measured on a 2-core machine idle or busy; see README)")
+
+
+def add_threads_arg(p: argparse.ArgumentParser, help_text: str = THREADS_HELP) -> None:
+    """``--threads N``: the CLI applies it with :func:`lavp_core.system.choose_threads` before the command runs."""
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=help_text)
+
+
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress lines on stderr (see :mod:`lavp_core.commands.progress`)."""
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (progress never goes to stdout, so --json stays one object)")
+
+
 def default_device(requested: str | None = None):
     """The ``torch.device`` for ``--device`` (``cpu``, ``cuda`` or ``cuda:N``; default: cuda when available).
 

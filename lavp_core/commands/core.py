@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import add_scenario_args, command, default_device, print_json, scenario_from_args
+from .base import (
+    add_quiet_arg,
+    add_scenario_args,
+    add_threads_arg,
+    command,
+    default_device,
+    print_json,
+    scenario_from_args,
+)
 
 
 def _configure_list(p: argparse.ArgumentParser) -> None:
@@ -55,6 +63,8 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-mode", choices=("known", "inferred"), default=None,
                    help="whether the attacker knows the label (default: the preset's)")
     p.add_argument("--out", default=None, help="save the reconstruction here (.png, .jpg or .jpeg)")
+    add_threads_arg(p)
+    add_quiet_arg(p)
 
 
 # Attack options and the AttackRequest field each overrides: an option the preset's kind does not honour is
@@ -62,6 +72,7 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
 OVERRIDES = {"--loss": "loss", "--steps": "steps", "--restarts": "restarts", "--lr": "lr", "--tv": "tv_weight",
              "--schedule": "schedule", "--label-mode": "label"}
 OUT_SUFFIXES = (".png", ".jpg", ".jpeg")
+PROGRESS_SNAPSHOTS = 100  # snapshots per restart that the attack yields for the progress line (at most ~this many)
 
 
 def check_output_path(out: str | None) -> Path | None:
@@ -101,24 +112,40 @@ def attack(args) -> int:
     import torch
 
     from ..metrics import score_reconstruction
-    from ..runner import AttackRequest, run_preset
+    from ..presets import get_preset
+    from ..runner import AttackRequest, PresetRun
+    from .progress import Progress
 
     out = check_output_path(args.out)  # before the attack, which may take minutes
     request = AttackRequest(preset=args.preset, loss=args.loss, steps=args.steps, restarts=args.restarts,
                             lr=args.lr, tv_weight=args.tv, label=args.label_mode,
                             schedule=args.schedule).validated()
     check_overrides(args)
+    progress = Progress(f"attack {args.preset}", quiet=args.quiet)
     scenario = scenario_from_args(args)
+    device = default_device(args.device)
+    defaults = get_preset(args.preset).defaults()
+    steps = request.steps or defaults.steps or 1  # per restart when they run one after another (L-BFGS)
+    restarts = request.restarts or defaults.restarts or 1
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
-    outcome = run_preset(scenario.model, scenario.image, scenario.label, scenario.info, request,
-                         generator=generator, device=default_device(args.device))
+    run = PresetRun(scenario.model, scenario.image, scenario.label, scenario.info, request,
+                    generator=generator, device=device, snapshot_every=max(1, steps // PROGRESS_SNAPSHOTS))
+    progress.note(f"{scenario.description}; {run.total_steps} steps on {device}, {args.threads} torch "
+                  f"thread(s)")
+    progress.restart_clock()
+    for snapshot in run:
+        restart = getattr(snapshot, "restart", None)
+        extra = f"restart {restart + 1}/{restarts}" if restart is not None and restarts > 1 else ""
+        progress.step(snapshot.step, snapshot.total_steps, snapshot.matching_loss, extra)
+    outcome = run.outcome
     seconds = time.perf_counter() - start
+    progress.finish(f"{outcome.steps} steps in {seconds:.1f} s, matching loss {outcome.matching_loss:.6g}")
     scores = score_reconstruction(outcome.reconstruction, scenario.image, scenario.info)
     payload = {"mse": scores["mse"], "psnr": scores["psnr"], "ssim": scores["ssim"], "lpips": scores["lpips"],
                "lpips_reason": scores["lpips_reason"], "matching_loss": outcome.matching_loss,
                "label": outcome.label_used, "true_label": scenario.label, "steps": outcome.steps,
-               "seconds": seconds, "preset": outcome.preset, "image": scenario.description}
+               "seconds": seconds, "preset": outcome.preset, "image": scenario.description, "threads": args.threads}
     if "layers" in outcome.details:
         payload["layers"] = [dict(vars(layer)) for layer in outcome.details["layers"]]
     if "stages" in outcome.details:

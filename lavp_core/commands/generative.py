@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from .base import check_seed, command, default_device, print_json
+from .base import add_threads_arg, check_seed, command, default_device, print_json
 
 
 def _configure_train_generator(p: argparse.ArgumentParser) -> None:
@@ -23,8 +23,10 @@ def _configure_train_generator(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last finished epoch")
     p.add_argument("--checkpoint", default=None,
                    help="per-epoch training state (default tmp/train-generator/<out name>.resume.pt)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="hide the progress bar")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_threads_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -35,7 +37,7 @@ def train_generator_command(args) -> int:
 
     config = GeneratorTrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                                   lr=args.lr, latent_dim=args.latent_dim, width=args.width, seed=check_seed(args.seed))
-    words = [a for a in sys.argv[1:] if a not in ("--resume", "--no-progress", "--json")]
+    words = [a for a in sys.argv[1:] if a not in ("--resume", "--no-progress", "--quiet", "--json")]
     summary = train_generator(config, args.out, resume=args.resume, resume_path=args.checkpoint,
                               command=shlex.join(["python", "-m", "lavp_core", *words]),
                               device=default_device(args.device), progress=not args.no_progress)

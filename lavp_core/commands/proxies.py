@@ -6,7 +6,15 @@ import argparse
 import math
 
 from ..errors import ConfigError
-from .base import add_scenario_args, command, default_device, print_json, scenario_from_args
+from .base import (
+    add_quiet_arg,
+    add_scenario_args,
+    add_threads_arg,
+    command,
+    default_device,
+    print_json,
+    scenario_from_args,
+)
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -21,6 +29,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper-iterations", type=int, default=None,
                    help="power-iteration budget of the paper recipe, for λ_max and again for λ_min (100)")
     p.add_argument("--spectrum", action="store_true", help="with --json: include every eigenvalue (exact)")
+    add_threads_arg(p)
+    add_quiet_arg(p)
 
 
 def _format(value: float) -> str:
@@ -33,6 +43,7 @@ def proxies(args) -> int:
 
     from ..hessian import SolverConfig
     from ..proxies import compute_proxies
+    from .progress import Heartbeat, Progress
 
     losses = tuple(name.strip() for name in args.losses.split(",") if name.strip())
     if not losses:
@@ -47,13 +58,21 @@ def proxies(args) -> int:
         config = replace(config, tol=args.tol)
     if args.paper_iterations is not None:
         config = replace(config, paper_iterations=args.paper_iterations)
+    progress = Progress("proxies", quiet=args.quiet)
     scenario = scenario_from_args(args)
-    result = compute_proxies(scenario.model, scenario.image, scenario.label, losses=losses,
-                             method=args.method, config=config, device=default_device(args.device))
+    device = default_device(args.device)
+    progress.note(f"{scenario.description}; losses {', '.join(losses)}, method {args.method}, on {device}, "
+                  f"{args.threads} torch thread(s)")
+    progress.restart_clock()
+    with Heartbeat(progress, f"solving ({args.method})"):  # the solvers report no steps: time elapsed only
+        result = compute_proxies(scenario.model, scenario.image, scenario.label, losses=losses,
+                                 method=args.method, config=config, device=device)
+    progress.finish(f"done in {result.seconds:.1f} s (method {result.method})")
     if args.json:
         payload = result.to_dict(include_spectra=args.spectrum)
         payload["image"] = scenario.description
         payload["label"] = scenario.label
+        payload["threads"] = args.threads
         print_json(payload)
         return 0
     print(f"image    {scenario.description}")

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from ..errors import ConfigError
-from .base import check_seed, command, default_device
+from .base import add_quiet_arg, add_threads_arg, check_seed, command, default_device
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
@@ -23,6 +23,8 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshots", default="", help="also keep the model after these epochs, e.g. 0,1,5,40 "
                    "(0 = the initialisation), as <out stem>-epoch<E>.pt; study with --weights trained@E")
     p.add_argument("--device", default=None)
+    add_threads_arg(p)
+    add_quiet_arg(p)
 
 
 @command("train", "train an architecture on a dataset and save a checkpoint with a JSON record", _configure_train)
@@ -36,7 +38,7 @@ def train_command(args) -> int:
     config = TrainConfig(arch=args.arch, dataset=args.dataset, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=check_seed(args.seed), data_root=args.data_root)
     cmd = "python -m lavp_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    bar = tqdm(total=None, unit="step", desc=f"train {args.arch}", dynamic_ncols=True)
+    bar = tqdm(total=None, unit="step", desc=f"train {args.arch}", dynamic_ncols=True, disable=args.quiet)
 
     def on_batch(step, steps, loss, acc):
         bar.total = steps
@@ -93,14 +95,16 @@ def _configure_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="jobs at once: worker processes (default: cores // threads; 0 runs the jobs in this "
                    "process); with --backend ray, Ray tasks in flight (default 0: as many as the cluster fits)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker, and of this process (default 1: see README, Command line)")
     p.add_argument("--backend", default="local",
                    help="where jobs run: local (this machine's cores, default) or ray (a Ray cluster)")
     p.add_argument("--address", default=None,
                    help="with --backend ray: the cluster, 'auto' (the one 'ray start' began here, or "
                    "$RAY_ADDRESS) or HOST:PORT of its head; default: a local Ray instance for this run")
     p.add_argument("--no-images", action="store_true", help="do not store reconstruction PNGs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar on stderr")
     p.add_argument("--data-root", default=None, help="folder of CIFAR or an image folder")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -139,10 +143,8 @@ def study_command(args) -> int:
                          exact_method=args.exact_method, solver=solver, data_root=args.data_root,
                          store_images=not args.no_images)
     plan = plan_study(config)  # every name is checked before any job runs or anything is written
-    if args.workers == 0:  # jobs run in this process: give it the thread count a worker would have
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
+    # With --workers 0 the jobs run in this process, which the CLI has given --threads torch threads already
+    # (lavp_core.system.choose_threads), the count a worker would have.
     options = {} if args.address is None else {"address": args.address}
     summary = run_study(plan, args.db, workers=args.workers, threads=args.threads, device=args.device,
                         progress=not args.no_progress, executor=args.backend, executor_options=options)
