@@ -25,6 +25,15 @@ from torch.func import grad_and_value, vmap
 
 from .data import DatasetInfo
 from .errors import ConfigError
+from .fast_steps import (
+    ADAM_BETAS,
+    AdamProgram,
+    ValueAndGradProgram,
+    check_engine,
+    choose_engine,
+    program_key,
+    total_variation,
+)
 from .gradients import ClientUpdate, GradientOracle, client_update, infer_label
 from .losses import get_loss
 from .presets import (
@@ -39,6 +48,7 @@ from .presets import (
 )
 
 OPTIMIZERS = ("adam", "lbfgs")
+SCHEDULE_GAMMA = 0.1
 SCHEDULES = ("none", "step")
 INITS = ("randn", "uniform")
 LABEL_MODES = ("known", "inferred")
@@ -163,13 +173,6 @@ class AttackResult:
 # The engine
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation of an image (..., C, H, W): mean |dx| + mean |dy| (IG's convention)."""
-    dx = (x[..., :, :, 1:] - x[..., :, :, :-1]).abs().mean()
-    dy = (x[..., :, 1:, :] - x[..., :, :-1, :]).abs().mean()
-    return dx + dy
-
-
 def initial_candidates(shape: tuple[int, ...], init: str, info: DatasetInfo, generator: torch.Generator,
                        device: torch.device) -> torch.Tensor:
     """Draw (R, C, H, W) starting points in normalised space from ``generator`` (on the CPU, then moved)."""
@@ -225,12 +228,19 @@ class AttackRun(VictimRun):
         snapshot_every: yield a snapshot every this many steps (and at the first and last step).
         initial: optional starting candidates (R, C, H, W) in normalised space, replacing the random
             draw (e.g. points near the ground truth for a local, worst-case attack).
+        engine: how a step is evaluated (:data:`~lavp_core.fast_steps.ENGINES`): ``auto`` (default:
+            a traced graph for runs long enough to repay the trace, see
+            :func:`~lavp_core.fast_steps.choose_engine`), ``eager`` (``torch.func`` and
+            ``torch.optim``: the reference), ``traced`` or ``compiled`` (``torch.compile``; pays on
+            long runs and studies). Every engine gives the same candidates to float round-off.
     """
 
     def __init__(self, model: nn.Module | GradientOracle, update: ClientUpdate, config: AttackConfig,
                  info: DatasetInfo, *, generator: torch.Generator, device: torch.device | str = "cpu",
-                 snapshot_every: int = 10, initial: torch.Tensor | None = None):
+                 snapshot_every: int = 10, initial: torch.Tensor | None = None, engine: str = "auto"):
         self.config = config.validated()
+        self.engine = check_engine(engine)
+        self.engine_used: str | None = None  # what ``auto`` resolved to, once the run has started
         self._bind(model, update, self.config.label, info, generator, device, snapshot_every)
         self.loss = get_loss(self.config.loss)
         expected = (self.config.restarts, *update.image_shape)
@@ -255,12 +265,27 @@ class AttackRun(VictimRun):
 
         return objective
 
-    def _scheduler(self, optimizer):
+    def _milestones(self) -> list[int]:
+        """Steps after which the ``step`` schedule multiplies the learning rate by 0.1."""
         if self.config.schedule == "none":
-            return None
+            return []
         s = self.config.steps
-        milestones = sorted({max(1, int(s * f)) for f in (3 / 8, 5 / 8, 7 / 8)})
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+        return sorted({max(1, int(s * f)) for f in (3 / 8, 5 / 8, 7 / 8)})
+
+    def _scheduler(self, optimizer):
+        milestones = self._milestones()
+        if not milestones:
+            return None
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=SCHEDULE_GAMMA)
+
+    def _resolve_engine(self, kind: str) -> str:
+        c = self.config
+        restarts = c.restarts if kind == "adam" else 1
+        key = program_key(kind, self.oracle, c.loss, c.tv_weight, self.update.image_shape, restarts, c.signed,
+                          c.boxed, False)
+        steps = c.steps if kind == "adam" else c.steps * c.lbfgs_max_iter
+        self.engine_used = choose_engine(self.engine, steps, key)
+        return self.engine_used
 
     def _snapshot(self, step: int, x: torch.Tensor, losses: torch.Tensor, restart: int | None) -> AttackSnapshot:
         finite = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf))
@@ -285,6 +310,9 @@ class AttackRun(VictimRun):
         self.result = self._finish(final, steps_done, time.perf_counter() - start)
 
     def _run_adam(self, x0, lo, hi):
+        engine = self._resolve_engine("adam")
+        if engine != "eager":
+            return (yield from self._run_adam_fused(x0, lo, hi, compiled=engine == "compiled"))
         c = self.config
         single = grad_and_value(self._objective(), has_aux=True)
         if c.restarts == 1:  # no batching needed: skip vmap's overhead
@@ -319,9 +347,44 @@ class AttackRun(VictimRun):
                 yield self._snapshot(steps_done, x, losses, None)
         return (x.detach(), diverged), steps_done
 
+    def _run_adam_fused(self, x0, lo, hi, compiled: bool):
+        """The Adam loop of :meth:`_run_adam` with each step one traced graph (same arithmetic)."""
+        c = self.config
+        program = AdamProgram(self.oracle, self.loss, c.loss, c.tv_weight, self.g_star, self.label,
+                              self.update.image_shape, c.restarts, c.signed, c.boxed, lo, hi, compiled).prepare()
+        x = x0.detach().clone()
+        m, v = torch.zeros_like(x), torch.zeros_like(x)
+        diverged = torch.zeros(c.restarts, dtype=torch.bool, device=self.device)
+        beta1, beta2 = ADAM_BETAS
+        milestones, lr, steps_done = set(self._milestones()), c.lr, 0
+        scalar = {"device": self.device, "dtype": x.dtype}
+        for step in range(c.steps):
+            if self._cancel.is_set():
+                break
+            t = step + 1
+            # torch.optim.Adam's bias corrections, computed in Python floats as it does
+            step_size = torch.tensor(lr / (1 - beta1 ** t), **scalar)
+            bias2_sqrt = torch.tensor(math.sqrt(1 - beta2 ** t), **scalar)
+            x, m, v, diverged, losses = program(x, m, v, diverged, step_size, bias2_sqrt)
+            if t in milestones:  # MultiStepLR after this step
+                lr = lr * SCHEDULE_GAMMA
+            steps_done = t
+            self._record(step, losses)
+            if step == 0 or steps_done % self.snapshot_every == 0 or steps_done == c.steps:
+                yield self._snapshot(steps_done, x, losses, None)
+        return (x, diverged), steps_done
+
     def _run_lbfgs(self, x0, lo, hi):
         c = self.config
-        value_and_grad = grad_and_value(self._objective(), has_aux=True)
+        if self._resolve_engine("value_and_grad") == "eager":
+            single = grad_and_value(self._objective(), has_aux=True)
+
+            def value_and_grad(x):
+                g, (total, matching) = single(x)
+                return g, total, matching
+        else:
+            value_and_grad = ValueAndGradProgram(self.oracle, self.loss, c.loss, c.tv_weight, self.g_star, self.label,
+                                                 self.update.image_shape, self.engine_used == "compiled").prepare()
         finals, diverged, steps_done = [], [], 0
         for r in range(c.restarts):
             x = x0[r].clone().requires_grad_(True)  # (C, H, W)
@@ -330,7 +393,7 @@ class AttackRun(VictimRun):
             last = {"matching": math.nan}
 
             def closure(x=x, last=last):
-                g, (total, matching) = value_and_grad(x.detach())
+                g, total, matching = value_and_grad(x.detach())
                 x.grad = g
                 last["matching"] = float(matching)
                 return total.detach()
@@ -381,10 +444,11 @@ class AttackRun(VictimRun):
 
 
 def run_attack(model: nn.Module | GradientOracle, update: ClientUpdate, config: AttackConfig,
-               info: DatasetInfo, *, generator: torch.Generator, device: torch.device | str = "cpu") -> AttackResult:
-    """Run an attack to the end and return its :class:`AttackResult`."""
+               info: DatasetInfo, *, generator: torch.Generator, device: torch.device | str = "cpu",
+               engine: str = "auto") -> AttackResult:
+    """Run an attack to the end and return its :class:`AttackResult` (``engine``: see :class:`AttackRun`)."""
     run = AttackRun(model, update, config, info, generator=generator, device=device,
-                    snapshot_every=max(1, config.steps))
+                    snapshot_every=max(1, config.steps), engine=engine)
     for _ in run:
         pass
     return run.result
@@ -400,7 +464,7 @@ class OptimisationAttack(AttackKind):
     name = "optimisation"
     summary = "gradient matching by optimisation from random starts (this module's engine)"
     studied = True
-    settings = ("loss", "steps", "restarts", "lr", "tv_weight", "label", "schedule")
+    settings = ("loss", "steps", "restarts", "lr", "tv_weight", "label", "schedule", "engine")
 
     def defaults(self, preset: AttackPreset) -> AttackRequest:
         c = preset.config
@@ -414,7 +478,7 @@ class OptimisationAttack(AttackKind):
                                lr=request.lr, tv_weight=request.tv_weight, label=request.label,
                                schedule=request.schedule)
         return StreamedRun(preset, AttackRun(oracle, update, config, info, generator=generator, device=device,
-                                             snapshot_every=snapshot_every))
+                                             snapshot_every=snapshot_every, engine=request.engine or "auto"))
 
 
 register_kind(OptimisationAttack())

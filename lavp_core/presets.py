@@ -54,9 +54,14 @@ class AttackRequest:
     tv_weight: float | None = None
     label: str | None = None
     schedule: str | None = None
+    engine: str | None = None  # how the optimisation engine evaluates steps (fast_steps.ENGINES); None: auto
 
     def validated(self) -> AttackRequest:
         get_preset(self.preset)
+        if self.engine is not None:
+            from .fast_steps import check_engine
+
+            check_engine(self.engine)
         for name in ("steps", "restarts"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

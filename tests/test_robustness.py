@@ -158,6 +158,11 @@ CLI_CASES = {
     "--download for a bundled dataset": (["attack", "--download"], "fetches CIFAR only"),
     "--steps for R-CONV (no settings)": (["attack", "--preset", "rconv", "--steps", "5"], "would do nothing"),
     "--schedule for GIFD": (["attack", "--preset", "gifd", "--schedule", "step"], "--schedule would do nothing"),
+    "--engine unknown": (["attack", "--preset", "ig", "--engine", "fast"],
+                         "unknown engine 'fast': choose one of auto, eager, traced, compiled"),
+    "--engine for R-CONV": (["attack", "--preset", "rconv", "--engine", "traced"], "--engine would do nothing"),
+    "study --engine unknown": (["study", "--db", "{folder}/s.sqlite", "--archs", "lenet", "--weights", "random",
+                                "--images", "1", "--engine", "jit", "--no-progress"], "unknown engine 'jit'"),
     "checkpoint with a NaN": (["attack", "--weights", "{nan_ckpt}"], "NaN or infinite values in fc.bias"),
     "checkpoint with infinities": (["attack", "--weights", "{inf_ckpt}"], "in body.0.weight"),
     "malicious checkpoint": (["attack", "--weights", "{evil_ckpt}"], "the Python object posix.system"),
@@ -243,7 +248,7 @@ def test_bombs_are_refused_before_decoding(files):
 
 def test_out_is_written_after_the_scores_are_printed(files, capsys, tmp_path):
     out = tmp_path / "rec.jpg"
-    code, text, err = _run(capsys, "attack", "--preset", "ig", "--steps", "3", "--out", out)
+    code, text, err = _run(capsys, "attack", "--preset", "ig", "--steps", "3", "--quiet", "--out", out)
     assert code == 0 and err == ""
     lines = text.splitlines()
     assert lines[-1] == f"saved        {out}" and any(line.startswith("MSE ") for line in lines[:-1])
@@ -257,7 +262,8 @@ def test_a_failing_save_still_prints_the_scores_first(capsys, tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
-    code, text, err = _run(capsys, "attack", "--preset", "ig", "--steps", "3", "--json", "--out", tmp_path / "r.png")
+    code, text, err = _run(capsys, "attack", "--preset", "ig", "--steps", "3", "--json", "--quiet",
+                           "--out", tmp_path / "r.png")
     payload = json.loads(text)
     assert payload["steps"] == 3 and 0 < payload["mse"]
     assert "No space left on device" in _one_error_line(code, err) and "scores above are complete" in err

@@ -62,6 +62,10 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
                         "default: the preset's")
     p.add_argument("--label-mode", choices=("known", "inferred"), default=None,
                    help="whether the attacker knows the label (default: the preset's)")
+    p.add_argument("--engine", default=None,
+                   help="how the optimisation engine evaluates steps: auto (default: traced for runs of 200 "
+                        "steps or more), eager, traced, compiled (torch.compile: pays on long runs; the first "
+                        "compile of a model takes tens of seconds)")
     p.add_argument("--out", default=None, help="save the reconstruction here (.png, .jpg or .jpeg)")
     add_threads_arg(p)
     add_quiet_arg(p)
@@ -70,7 +74,7 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
 # Attack options and the AttackRequest field each overrides: an option the preset's kind does not honour is
 # refused (it would do nothing).
 OVERRIDES = {"--loss": "loss", "--steps": "steps", "--restarts": "restarts", "--lr": "lr", "--tv": "tv_weight",
-             "--schedule": "schedule", "--label-mode": "label"}
+             "--schedule": "schedule", "--label-mode": "label", "--engine": "engine"}
 OUT_SUFFIXES = (".png", ".jpg", ".jpeg")
 PROGRESS_SNAPSHOTS = 100  # snapshots per restart that the attack yields for the progress line (at most ~this many)
 
@@ -103,8 +107,8 @@ def check_overrides(args) -> None:
              if getattr(args, option[2:].replace("-", "_")) is not None and field not in honoured]
     if given:
         kept = ", ".join(o for o, f in OVERRIDES.items() if f in honoured) or "none"
-        raise ConfigError(f"{', '.join(given)} would do nothing with preset {preset.name} (a {preset.kind} attack; "
-                          f"the options it takes: {kept}); drop {'it' if len(given) == 1 else 'them'}")
+        raise ConfigError(f"{', '.join(given)} would do nothing with preset {preset.name} (an attack of kind "
+                          f"{preset.kind}; the options it takes: {kept}); drop {'it' if len(given) == 1 else 'them'}")
 
 
 @command("attack", "run a gradient inversion attack on one image and print its scores", _configure_attack)
@@ -119,7 +123,7 @@ def attack(args) -> int:
     out = check_output_path(args.out)  # before the attack, which may take minutes
     request = AttackRequest(preset=args.preset, loss=args.loss, steps=args.steps, restarts=args.restarts,
                             lr=args.lr, tv_weight=args.tv, label=args.label_mode,
-                            schedule=args.schedule).validated()
+                            schedule=args.schedule, engine=args.engine).validated()
     check_overrides(args)
     progress = Progress(f"attack {args.preset}", quiet=args.quiet)
     scenario = scenario_from_args(args)

@@ -97,6 +97,11 @@ def _configure_study(p: argparse.ArgumentParser) -> None:
                    "process); with --backend ray, Ray tasks in flight (default 0: as many as the cluster fits)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker, and of this process (default 1: see README, Command line)")
+    p.add_argument("--engine", default="auto",
+                   help="how attacks evaluate their steps: auto (default: compiled for Adam attacks of 1,000 "
+                        "steps or more, compiled once per worker and kept in PyTorch's on-disk cache; traced "
+                        "or eager otherwise), eager, traced, compiled. Results agree to round-off, so a study "
+                        "may be resumed with another engine")
     p.add_argument("--backend", default="local",
                    help="where jobs run: local (this machine's cores, default) or ray (a Ray cluster)")
     p.add_argument("--address", default=None,
@@ -147,7 +152,8 @@ def study_command(args) -> int:
     # (lavp_core.system.choose_threads), the count a worker would have.
     options = {} if args.address is None else {"address": args.address}
     summary = run_study(plan, args.db, workers=args.workers, threads=args.threads, device=args.device,
-                        progress=not args.no_progress, executor=args.backend, executor_options=options)
+                        engine=args.engine, progress=not args.no_progress, executor=args.backend,
+                        executor_options=options)
     if args.json:
         from .base import print_json
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ConfigError, StoreError
+from ..fast_steps import check_engine
 from ..store import open_store
 from ..system import available_cores
 from .job import JobOutcome, SharedProxies, execute_job, failed_outcome
@@ -49,11 +50,13 @@ Claim = Callable[[Job], bool]
 
 class Executor(Protocol):
     def __call__(self, jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: Record, *,
-                 workers: int, threads: int, device: str, claim: Claim) -> int | None:
+                 workers: int, threads: int, device: str, engine: str,
+                 claim: Claim) -> int | None:
         """Run the ``jobs`` that ``claim`` grants (``workers`` at a time, ``threads`` torch threads
-        each, on ``device``) and ``record`` each outcome as it ends; see the module docstring for the
-        contract. Executor options (``run_study(..., executor_options=...)``) come as further keyword
-        arguments. May return the number of jobs it ran at once when it chose it itself."""
+        each, on ``device``, attacks stepped by ``engine``) and ``record`` each outcome as it ends;
+        see the module docstring for the contract. Executor options
+        (``run_study(..., executor_options=...)``) come as further keyword arguments. May return the
+        number of jobs it ran at once when it chose it itself."""
 
 
 _EXECUTORS: dict[str, Executor] = {}
@@ -144,7 +147,7 @@ def default_workers(threads: int = 1) -> int:
 
 
 def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers: int | None = None,
-              threads: int = 1, device: str = "cpu", progress: bool = True,
+              threads: int = 1, device: str = "cpu", engine: str = "auto", progress: bool = True,
               on_job: Callable[[JobOutcome, str], None] | None = None, executor: str = "local",
               executor_options: Mapping[str, object] | None = None) -> StudySummary:
     """Run the jobs of ``config`` that are not finished in ``db`` and store each one as it ends.
@@ -163,6 +166,8 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
             ``threads`` CPUs (or GPUs) for.
         threads: torch threads of each worker (for ``ray``, the CPUs each task reserves).
         device: ``cpu`` or ``cuda``.
+        engine: how attacks evaluate their steps (:data:`~lavp_core.fast_steps.ENGINES`); ``auto``
+            compiles the steps of long attacks (:func:`~lavp_core.fast_steps.study_engine`).
         progress: show a tqdm bar with ETA on stderr.
         on_job: called with each outcome and the store's action (``inserted``/``replaced``/``kept``).
         executor: the registered executor that runs the jobs (:func:`list_executors`): ``local`` or
@@ -177,8 +182,10 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
     run_jobs = get_executor(executor)
     options = dict(executor_options or {})
     for name in options:
-        if name in ("claim", "workers", "threads", "device") or not _takes_keyword(run_jobs, name):
+        if name in ("claim", "workers", "threads", "device", "engine") or not _takes_keyword(run_jobs, name):
             raise ConfigError(f"study executor {executor!r} takes no option {name!r}")
+    if check_engine(engine) != "auto" and not _takes_keyword(run_jobs, "engine"):
+        raise ConfigError(f"study executor {executor!r} does not choose an attack engine: leave engine 'auto'")
     threads = int(threads)
     if threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
@@ -227,6 +234,8 @@ def run_study(config: StudyConfig | StudyPlan, db: str | os.PathLike, *, workers
                 bar.set_postfix(errors=counts["error"], skipped=counts["skipped"], refresh=False)
 
         used = None
+        if _takes_keyword(run_jobs, "engine"):
+            options["engine"] = engine
         try:
             with leases.heartbeat():
                 if _takes_keyword(run_jobs, "claim"):
@@ -268,7 +277,7 @@ def _progress_bar(total: int, name: str, enabled: bool):
 
 @register_executor("local", default_workers=default_workers)
 def run_local(jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: Record, *, workers: int,
-              threads: int, device: str, claim: Claim | None = None) -> None:
+              threads: int, device: str, engine: str = "auto", claim: Claim | None = None) -> None:
     """Run ``jobs`` on this machine: one by one in this process when ``workers`` is 0 (its torch
     threads untouched), else in a pool of ``workers`` spawned processes with ``threads`` torch threads
     each (see :func:`_run_pool`). ``claim`` (default: grant every job) is asked as each job starts."""
@@ -276,9 +285,9 @@ def run_local(jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: 
     if workers == 0:
         for job in jobs:
             if claim(job):
-                record(execute_job(job, shared.get(job.proxy_key), device), job)
+                record(execute_job(job, shared.get(job.proxy_key), device, engine), job)
     else:
-        _run_pool(list(jobs), shared, record, workers, threads, device, claim)
+        _run_pool(list(jobs), shared, record, workers, threads, device, engine, claim)
 
 
 def _grant(job: Job) -> bool:
@@ -306,12 +315,12 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_job(job: Job, shared: SharedProxies | None, device: str) -> JobOutcome:
-    return execute_job(job, shared, device)
+def _worker_job(job: Job, shared: SharedProxies | None, device: str, engine: str) -> JobOutcome:
+    return execute_job(job, shared, device, engine)
 
 
 def _run_pool(pending: list[Job], shared: Mapping[str, SharedProxies], record: Record, workers: int,
-              threads: int, device: str, claim: Claim) -> None:
+              threads: int, device: str, engine: str, claim: Claim) -> None:
     """Keep ``workers`` jobs in flight. A job whose proxies another in-flight job is computing waits for
     them, so each (image, model) pair's proxies are computed once; only this process writes the store."""
     context = multiprocessing.get_context("spawn")
@@ -337,7 +346,7 @@ def _run_pool(pending: list[Job], shared: Mapping[str, SharedProxies], record: R
                 reuse = shared.get(job.proxy_key)
                 if reuse is None:
                     computing.add(job.proxy_key)
-                inflight[pool.submit(_worker_job, job, reuse, device)] = job
+                inflight[pool.submit(_worker_job, job, reuse, device, engine)] = job
             finished, _ = futures.wait(inflight, return_when=futures.FIRST_COMPLETED)
             broken = False
             for future in finished:

@@ -78,13 +78,17 @@ def proxy_rows(result: ProxyResult, flavour: Flavour) -> list[dict]:
     return rows
 
 
-def execute_job(job: Job, shared: SharedProxies | None = None, device: str = "cpu") -> JobOutcome:
+def execute_job(job: Job, shared: SharedProxies | None = None, device: str = "cpu",
+                engine: str = "auto") -> JobOutcome:
     """Run one job: attack, scores, proxies (or reuse ``shared``), PNGs. Never raises for a failing
-    job: the exception's type and message go into the row with ``status = 'error'``."""
+    job: the exception's type and message go into the row with ``status = 'error'``. ``engine`` is
+    how the attack evaluates its steps (:data:`~lavp_core.fast_steps.ENGINES`; every engine gives the
+    same numbers to round-off, so it is not part of the job's identity)."""
     import torch
 
     from .. import __version__
     from ..attacks import run_attack
+    from ..fast_steps import study_engine
     from ..gradients import client_update
     from ..metrics import score_reconstruction
     from ..proxies import compute_proxies
@@ -100,7 +104,8 @@ def execute_job(job: Job, shared: SharedProxies | None = None, device: str = "cp
                                                  data_root=job.data_root), device=device)
         update = client_update(scenario.model, scenario.image, scenario.label)
         generator = torch.Generator().manual_seed(job.attack_seed)
-        result = run_attack(scenario.model, update, job.attack, scenario.info, generator=generator, device=device)
+        result = run_attack(scenario.model, update, job.attack, scenario.info, generator=generator, device=device,
+                            engine=study_engine(engine, job.attack.steps, job.attack.optimizer))
         scores = score_reconstruction(result.reconstruction, scenario.image, scenario.info)
         row.update({"label": scenario.label, "label_used": result.label_used,
                     "image_description": scenario.description, "matching_loss": result.matching_loss,

@@ -170,7 +170,7 @@ def _cached_checkpoint(checkpoint: bytes, sha256: str | None) -> Path:
 
 
 def run_job_on_worker(job: Job, shared: SharedProxies | None, device: str, threads: int,
-                      checkpoint: bytes | None) -> JobOutcome:
+                      checkpoint: bytes | None, engine: str = "auto") -> JobOutcome:
     """A Ray task: run ``job`` here with ``threads`` torch threads, its model built from the shipped
     ``checkpoint`` bytes when it has one (the row still names the job's own ``weights``)."""
     import torch
@@ -180,7 +180,7 @@ def run_job_on_worker(job: Job, shared: SharedProxies | None, device: str, threa
     if checkpoint is not None:
         path = _cached_checkpoint(checkpoint, job.weights_sha256)
         run = dataclasses.replace(job, weights=str(path))
-    outcome = execute_job(run, shared, device)
+    outcome = execute_job(run, shared, device, engine)
     outcome.row["weights"] = job.weights
     return outcome
 
@@ -193,7 +193,7 @@ def _lost_reason(exc: BaseException, retries: int) -> str:
 
 @register_executor("ray", default_workers=lambda threads: 0)
 def run_ray(jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: Record, *, workers: int,
-            threads: int, device: str, claim: Claim | None = None, address: str | None = None,
+            threads: int, device: str, engine: str = "auto", claim: Claim | None = None, address: str | None = None,
             max_retries: int = MAX_RETRIES) -> int:
     """Run ``jobs`` as Ray tasks (see the module docstring) and ``record`` each outcome here as it
     arrives.
@@ -203,6 +203,7 @@ def run_ray(jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: Re
         workers: tasks in flight at once; ``0``: as many as the cluster has room for.
         threads: CPUs each task reserves and torch threads it runs.
         device: ``cpu``, or ``cuda`` (each task reserves one GPU).
+        engine: how each task's attack evaluates its steps (see :func:`~lavp_core.study.run_study`).
         address: the cluster (``"auto"`` or ``"HOST:PORT"``); ``None`` starts a local instance.
         max_retries: Ray's retries of a task whose worker or node died.
 
@@ -218,14 +219,14 @@ def run_ray(jobs: Sequence[Job], shared: Mapping[str, SharedProxies], record: Re
         try:
             _check_feasible(ray, threads, _uses_cuda(device))
             return _run_tasks(ray, list(jobs), shared, record, claim, workers=workers, threads=threads,
-                              device=device, max_retries=max_retries)
+                              device=device, engine=engine, max_retries=max_retries)
         finally:
             if started:
                 ray.shutdown()
 
 
 def _run_tasks(ray, queue: list[Job], shared: Mapping[str, SharedProxies], record: Record, claim: Claim | None, *,
-               workers: int, threads: int, device: str, max_retries: int) -> int:
+               workers: int, threads: int, device: str, engine: str, max_retries: int) -> int:
     """The driver's loop: keep the cluster busy, record each outcome as it arrives; the most in flight."""
     from ray import exceptions as ray_errors
 
@@ -255,7 +256,7 @@ def _run_tasks(ray, queue: list[Job], shared: Mapping[str, SharedProxies], recor
             reuse = shared.get(job.proxy_key)
             if reuse is None:
                 computing.add(job.proxy_key)
-            inflight[task.remote(job, reuse, worker_device, threads, blob)] = job
+            inflight[task.remote(job, reuse, worker_device, threads, blob, engine)] = job
         most = max(most, len(inflight))
         if not inflight:
             continue
