@@ -26,6 +26,7 @@ from lavp_core.hessian import (
     _dense_matrix,
     _mirror_upper,
     _store_upper,
+    closed_form_spectra,
     closed_form_tops,
     draw_generator,
     exact_spectra,
@@ -35,6 +36,7 @@ from lavp_core.hessian import (
     paper_extremes,
     power_iteration,
     residual_of,
+    retained_heap,
     solve,
     symmetric_spectrum,
     top_start_vector,
@@ -156,6 +158,60 @@ def test_symmetric_spectrum_matches_numpy_and_restores_the_matrix():
     for value, vector in ((expected[0], v_min), (expected[-1], v_max)):
         assert math.isclose(np.linalg.norm(vector), 1.0, rel_tol=1e-12)
         assert np.linalg.norm(original @ vector - value * vector) < 1e-10 * expected[-1]
+
+
+@pytest.mark.parametrize("forms", [("l2", "cos"), ("l2",), ("cos",)])
+@pytest.mark.parametrize("w_kind", ["random", "along e0", "zero"])
+def test_closed_form_spectra_from_one_reduction_match_dense_references(forms, w_kind):
+    """Both spectra from one reduction of A (after the reflection of w onto e0) against numpy on A and
+    on (A − wwᵀ)·scale formed densely."""
+    rng = np.random.default_rng(4)
+    d = 50
+    b = rng.standard_normal((d, 70))
+    a = b @ b.T
+    w = {"random": b @ rng.standard_normal(70) / 9, "along e0": np.eye(d)[0] * 2.5, "zero": np.zeros(d)}[w_kind]
+    scale = 0.37
+    expected = {"l2": a, "cos": (a - np.outer(w, w)) * scale}
+    h = a.copy()
+    got = closed_form_spectra(h, w if "cos" in forms else None, scale, forms)
+    assert list(got) == list(forms)
+    for form, (eigenvalues, v_min, v_max) in got.items():
+        reference = np.linalg.eigvalsh(expected[form])
+        norm = abs(reference).max()
+        np.testing.assert_allclose(eigenvalues, reference, rtol=0, atol=1e-12 * norm)
+        assert np.all(np.diff(eigenvalues) >= 0)
+        for value, vector in ((eigenvalues[0], v_min), (eigenvalues[-1], v_max)):
+            assert math.isclose(np.linalg.norm(vector), 1.0, rel_tol=1e-12)
+            assert np.linalg.norm(expected[form] @ vector - value * vector) < 1e-11 * norm
+    one = closed_form_spectra(np.array([[3.0]]), np.array([1.5]), 2.0, ("l2", "cos"))
+    assert float(one["l2"][0][0]) == 3.0 and math.isclose(float(one["cos"][0][0]), (3.0 - 2.25) * 2.0)
+    with pytest.raises(ValueError, match="forms"):
+        closed_form_spectra(a.copy(), None, 1.0, ("cos",))
+
+
+def test_gram_takes_jt_u_by_forward_mode_only_when_it_is_the_same_map(conv_op):
+    """Jᵀ U of the dense path comes by forward mode over θ ↦ ∇ₓℓ(θ, x*) when that agrees with the vjp
+    through g; an operator whose ℓ is not the loss g differentiates (another label) falls back to the vjp."""
+    reference = reference_hessian(conv_op, get_loss("l2"))
+    assert relative_error(conv_op.gram(), reference) < 1e-10 and conv_op.gram_transpose == "forward"
+    u = vmap(conv_op.jvp)(image((3, 2, 5, 5), 9)[0])
+    np.testing.assert_allclose(conv_op._transpose_columns()(u).numpy(), vmap(conv_op.vjp)(u).numpy(),
+                               rtol=0, atol=1e-13 * float(vmap(conv_op.vjp)(u).abs().max()))
+    mismatched = HessianAtTruth(conv_op.oracle, conv_op.x_star.unsqueeze(0), 2)
+    mismatched.label = 0  # ℓ(θ, x) with label 0 while g differentiates the loss of label 2
+    transpose = mismatched._transpose_columns()
+    assert mismatched.gram_transpose == "reverse"
+    assert torch.equal(transpose(u), vmap(mismatched.vjp)(u))
+    assert relative_error(mismatched.gram(), reference) < 1e-10
+
+
+def test_retained_heap_nests_and_leaves_results_alone(mlp_op):
+    whole = mlp_op.gram()
+    with retained_heap(), retained_heap():
+        inside = mlp_op.gram()
+        big = np.ones(5 * 2 ** 20)  # 40 MB from the heap while mmap is off
+    assert float(big.sum()) == 5 * 2 ** 20
+    np.testing.assert_array_equal(inside, whole)
 
 
 def test_exact_spectra_match_reference(mlp_op):
@@ -325,6 +381,20 @@ def test_reverse_jacobian_products_hold_on_every_registered_model(spec):
     forward = op.jvp(v)
     assert float(forward.norm()) > 0
     assert float((op.jv(v) - forward).norm()) <= 1e-10 * float(forward.norm())
+
+
+@pytest.mark.parametrize("spec", list_models(), ids=lambda spec: spec.name)
+def test_dense_path_takes_jt_u_by_forward_mode_on_every_registered_model(spec):
+    """The dense path's Jᵀ U by forward mode over the parameters agrees with the vjp through g (the
+    check _transpose_columns makes) on each architecture, so none falls back to the slower vjp."""
+    model = create_model(spec.name, 10, weights="random", seed=0)
+    size = 32 if spec.input_size <= 32 else 16
+    op = HessianAtTruth(GradientOracle(model, dtype=torch.float64), image((3, size, size), 2), 3)
+    u = torch.randn(op.num_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = op.vjp(u)
+    assert float((op._input_gradient_jvp(u) - expected).norm()) <= 1e-10 * float(expected.norm())
+    op._transpose_columns()
+    assert op.gram_transpose == "forward"
 
 
 @pytest.mark.parametrize("basis_size", [60, 4])  # 4: thick restarts along the way

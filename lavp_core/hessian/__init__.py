@@ -7,7 +7,7 @@ One concept per module; each uses only the ones above it in this list:
   ...), :class:`SolverConfig`, and the results :class:`EigenResult`, :class:`LossSpectrum`, :class:`PowerStep`.
 * :mod:`~lavp_core.hessian.draws`: :func:`draw_generator`, one generator per random draw.
 * :mod:`~lavp_core.hessian.memory`: the dense d × d matrix's memory (no huge pages, one triangle at a
-  time, ``malloc_trim``).
+  time, a heap that keeps its pages while the chunks run, ``malloc_trim``).
 * :mod:`~lavp_core.hessian.operators`: :class:`HessianAtTruth`, the Jacobian and Hessian-vector products at
   x* and the dense Hessian; the forward-mode lock and its scoped warning filters.
 * :mod:`~lavp_core.hessian.residuals`: :func:`residual_of`, the certificate every eigenvalue carries.
@@ -44,7 +44,7 @@ from .config import (
     _check_jacobian_products,
 )
 from .draws import draw_generator
-from .exact import _decompose, _restore_upper, exact_spectra, symmetric_spectrum
+from .exact import _decompose, _restore_upper, closed_form_spectra, exact_spectra, symmetric_spectrum
 from .krylov import (
     TopRitz,
     _BudgetSpent,
@@ -55,7 +55,15 @@ from .krylov import (
     lanczos_tops,
     top_start_vector,
 )
-from .memory import _block_rows, _check_finite, _dense_matrix, _mirror_upper, _store_upper, release_freed_memory
+from .memory import (
+    _block_rows,
+    _check_finite,
+    _dense_matrix,
+    _mirror_upper,
+    _store_upper,
+    release_freed_memory,
+    retained_heap,
+)
 from .operators import FORWARD_AD_LOCK, HessianAtTruth, _not_differentiable, _relative_gap, forward_mode
 from .paper import paper_extremes, power_iteration
 from .residuals import _certified, _result, _to_input, residual_of
@@ -64,7 +72,8 @@ from .solver import solve
 __all__ = [
     "CLOSED_FORMS", "DEFAULT_SOLVER", "EXTREMES", "FORWARD_AD_LOCK", "JACOBIAN_PRODUCTS", "METHODS", "PRECISIONS",
     "ClosedForm", "EigenResult", "Extreme", "HessianAtTruth", "JacobianProducts", "LossSpectrum", "PowerStep",
-    "Precision", "SolverConfig", "SolverMethod", "TopRitz", "closed_form_tops", "draw_generator", "exact_spectra",
-    "forward_mode", "lanczos_extreme", "lanczos_top", "lanczos_tops", "paper_extremes", "power_iteration",
-    "release_freed_memory", "residual_of", "solve", "symmetric_spectrum", "top_start_vector",
+    "Precision", "SolverConfig", "SolverMethod", "TopRitz", "closed_form_spectra", "closed_form_tops",
+    "draw_generator", "exact_spectra", "forward_mode", "lanczos_extreme", "lanczos_top", "lanczos_tops",
+    "paper_extremes", "power_iteration", "release_freed_memory", "residual_of", "retained_heap", "solve",
+    "symmetric_spectrum", "top_start_vector",
 ]
