@@ -250,3 +250,14 @@ def test_progress_is_rate_limited_and_uses_carriage_returns_on_a_terminal():
     progress.step(1, 2, 0.1)
     progress.finish("done")
     assert quiet.getvalue() == ""
+
+
+def test_compile_is_the_compiled_engine_and_engine_defaults_to_auto():
+    from lavp_core.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["attack", "--compile"]).engine == "compiled"
+    assert parser.parse_args(["attack"]).engine is None  # the request then says auto
+    assert parser.parse_args(["attack", "--engine", "traced"]).engine == "traced"
+    assert parser.parse_args(["study", "--compile"]).engine == "compiled"
+    assert parser.parse_args(["study"]).engine == "auto"

@@ -66,6 +66,8 @@ def _configure_attack(p: argparse.ArgumentParser) -> None:
                    help="how the optimisation engine evaluates steps: auto (default: traced for runs of 200 "
                         "steps or more), eager, traced, compiled (torch.compile: pays on long runs; the first "
                         "compile of a model takes tens of seconds)")
+    p.add_argument("--compile", action="store_const", const="compiled", dest="engine",
+                   help="the same as --engine compiled")
     p.add_argument("--out", default=None, help="save the reconstruction here (.png, .jpg or .jpeg)")
     add_threads_arg(p)
     add_quiet_arg(p)

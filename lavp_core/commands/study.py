@@ -102,6 +102,8 @@ def _configure_study(p: argparse.ArgumentParser) -> None:
                         "steps or more, compiled once per worker and kept in PyTorch's on-disk cache; traced "
                         "or eager otherwise), eager, traced, compiled. Results agree to round-off, so a study "
                         "may be resumed with another engine")
+    p.add_argument("--compile", action="store_const", const="compiled", dest="engine",
+                   help="the same as --engine compiled")
     p.add_argument("--backend", default="local",
                    help="where jobs run: local (this machine's cores, default) or ray (a Ray cluster)")
     p.add_argument("--address", default=None,
