@@ -12,13 +12,16 @@ that a change in the machine's load hits both sides alike; the spread over repea
 Printed: jobs per minute of each side (the study's own count, worker start-up included, as in a real
 run) and their ratio; per part, the seconds the databases store for each job (``attack_seconds``) and
 for each (image, model)'s proxies (``proxy_exact_seconds``, ``proxy_paper_seconds``, computed once and
-shared by the l2 and cos jobs); and how far the new side's proxy values are from the baseline's.
+shared by the l2 and cos jobs); jobs per minute estimated at the bundled studies' 3000 steps
+(``--scale-steps``: each run's attack seconds scaled, the rest as measured); and how far the new side's
+proxy values are from the baseline's.
 
     python benchmarks/study_throughput.py [--images lenet:0,1/resnet8:0] [--steps 300] [--repeats 2]
-        [--baseline bd1b7ea] [--study-args "..."] [--new-args "--compile"]
+        [--baseline bd1b7ea] [--study-args="..."] [--new-args=--compile]
 
 ``--study-args`` is appended to both sides' study command, ``--new-args`` to the new side's only (for
-options today's code does not have, e.g. an attack ``--compile``).
+options today's code does not have, e.g. ``--new-args=--compile``; write them with ``=``, as they begin with
+``--``).
 
 Mode ``workers`` (the former benchmark; implied by ``--backend ray``): the working tree's study, in this
 process, with 1 worker and with the default worker count (cores // threads), and with ``--backend ray``
@@ -168,13 +171,13 @@ def compare_mode(args) -> None:
                         print(f"  repeat {repeat + 1} {arch:8s} {side:8s} {result['summary']['run']} jobs in "
                               f"{result['summary']['seconds']:.1f} s = {result['summary']['jobs_per_minute']:.2f} "
                               f"jobs/min", flush=True)
-            report(archs, runs)
+            report(archs, runs, args.steps, args.scale_steps)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
                            capture_output=True)
 
 
-def report(archs: list[str], runs: dict) -> None:
+def report(archs: list[str], runs: dict, steps: int, scale_steps: int) -> None:
     print("\n| arch | side | jobs/run | jobs/min, median [min–max] | new / baseline | attack s/job | "
           "exact proxies s/image | recipe proxies s/image |")
     print("|---|---|---|---|---|---|---|---|")
@@ -201,6 +204,21 @@ def report(archs: list[str], runs: dict) -> None:
     new_rate = 60 * totals["new"][0] / totals["new"][1]
     print(f"\nall runs together: baseline {base_rate:.2f} jobs/min, new {new_rate:.2f} jobs/min: "
           f"{new_rate / base_rate:.2f}x")
+    if scale_steps and scale_steps != steps:
+        print(f"\nestimated at --steps {scale_steps} (each run's attack seconds x {scale_steps}/{steps}, everything "
+              f"else as measured; a fixed per-attack cost such as compiling is scaled too, so this understates a "
+              f"side that has one):")
+        for arch in archs:
+            rates = {}
+            for side in ("baseline", "new"):
+                rates[side] = []
+                for r in runs[arch, side]:
+                    attack = sum(r["attack"])
+                    seconds = r["summary"]["seconds"] + attack * (scale_steps / steps - 1)
+                    rates[side].append(60 * r["summary"]["run"] / seconds)
+            ratio = statistics.median([n / b for n, b in zip(rates["new"], rates["baseline"], strict=True)])
+            print(f"  {arch}: baseline {spread(rates['baseline'])} jobs/min, new {spread(rates['new'])} jobs/min: "
+                  f"{ratio:.2f}x")
     print("\nproxy values, new against baseline (same image, model, loss, proxy and flavour):")
     for arch in archs:
         exact_gap, paper_gap, flags, compared = compare_values(runs[arch, "baseline"][0]["values"],
@@ -277,6 +295,9 @@ def main() -> None:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="compare: git revision of today's code path")
     parser.add_argument("--study-args", default="", help="compare: extra study options for both sides")
     parser.add_argument("--new-args", default="", help="compare: extra study options for the new side only")
+    parser.add_argument("--scale-steps", type=int, default=3000,
+                        help="compare: also estimate jobs/min at this many attack steps (the bundled studies' "
+                             "3000; 0: no estimate)")
     parser.add_argument("--backend", default="local", choices=("local", "ray"),
                         help="workers mode: ray also runs the grid on a local Ray instance (implies --mode workers)")
     args = parser.parse_args()
