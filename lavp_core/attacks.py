@@ -469,7 +469,7 @@ class OptimisationAttack(AttackKind):
     def defaults(self, preset: AttackPreset) -> AttackRequest:
         c = preset.config
         return AttackRequest(preset.name, loss=c.loss, steps=c.steps, restarts=c.restarts, lr=c.lr,
-                             tv_weight=c.tv_weight, label=c.label, schedule=c.schedule)
+                             tv_weight=c.tv_weight, label=c.label, schedule=c.schedule, engine="auto")
 
     def start(self, preset, model, image, label, info, request, *, generator, device, snapshot_every):
         oracle = GradientOracle(model, device=device)

@@ -170,11 +170,11 @@ from lavp_core.study import executors
 folder, name = Path(sys.argv[1]), sys.argv[2]
 real = executors.execute_job
 
-def counted(job, shared, device):  # every computation leaves a line; a slow job keeps both runners busy
+def counted(job, shared, device, engine="auto"):  # every computation leaves a line; a slow job keeps both busy
     with open(folder / "computed.txt", "a") as out:
         out.write(f"{job.key} {name}\n")
     time.sleep(0.6)
-    return real(job, shared, device)
+    return real(job, shared, device, engine)
 
 executors.execute_job = counted
 plan = plan_study(StudyConfig(name="leases", images=(0, 1, 2), archs=("lenet",), weights="random",
