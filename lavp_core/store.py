@@ -36,6 +36,12 @@ Safety rules:
   naming the file; no error message quotes the file's contents.
 * A reader creates nothing: a WAL database whose ``-wal`` and ``-shm`` files are not both there (no writer
   is running) is opened with ``immutable=1``, since a read-only connection would otherwise create them.
+* A writer notices when its file is replaced or its ``-wal`` file deleted under it (``git checkout`` or
+  ``git stash`` of a tracked database, a copy over it, ``rm``): SQLite would go on committing into the
+  unlinked file, and every row written from then on would be lost when the run ends. Each transaction
+  first checks that the path still names the file it opened (device and inode) and, in WAL mode, that
+  the ``-wal`` file is still there; if not it raises :class:`~lavp_core.errors.StoreError` and writes
+  nothing.
 """
 
 from __future__ import annotations
@@ -230,10 +236,15 @@ class ResultStore:
         self.path = Path(path)
         self.readonly = readonly
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._wal = False
+        self._wrote = False
         if readonly:
             self._conn = self._open_reader()
         else:
             self._conn = self._open_writer()
+            self._identity = _file_identity(self.path)
+            self._wal = self.journal_mode() == "wal"
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -451,7 +462,26 @@ class ResultStore:
         """``with store.transaction():`` runs its statements (on ``store.conn``) in one ``BEGIN
         IMMEDIATE`` transaction, committed at the end and rolled back on an exception (writers only)."""
         self._require_writer()
+        self._check_same_file()
+        self._wrote = self._wal  # from this commit on, a WAL database has its -wal file while it is open
         return _Immediate(self.conn, self.path)
+
+    def _check_same_file(self) -> None:
+        """Raise :class:`StoreError` when the path no longer names the file this writer opened, or
+        its ``-wal`` file is gone: a commit now would go into an unlinked file and be lost."""
+        if self._identity is None:
+            return
+        now = _file_identity(self.path)
+        wal = self.path.with_name(self.path.name + "-wal")
+        if now == self._identity and (not self._wrote or wal.exists()):
+            return
+        what = ("was deleted" if now is None else "was replaced by another file" if now != self._identity
+                else "lost its -wal file")
+        raise StoreError(f"{self.path} {what} while this run had it open (a git checkout or stash of a "
+                         f"tracked database, a copy over it, rm?); rows written now would be lost, so "
+                         f"nothing more is written. Rows already committed since then are in the old, "
+                         f"unlinked file and cannot be recovered; rerun the command on the database you "
+                         f"want and it resumes from what that file holds.")
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -624,6 +654,15 @@ class _Immediate:
             self.conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot write {self.path}: {exc}") from exc
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, or None when nothing is there."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _sql_value(value):

@@ -244,3 +244,39 @@ def test_a_schema_1_database_is_read_as_is_and_migrated_by_a_writer(tmp_path):
         truth = np.asarray(Image.open(BytesIO(row["truth_png"])).convert("RGB"), dtype=np.float64) / 255
         variance = truth.reshape(-1, 3).var(axis=0).mean()
         assert row["rel_mse"] * variance == pytest.approx(row["mse"], rel=0.05)
+
+
+@pytest.mark.parametrize("how", ["replaced", "deleted", "wal-deleted"])
+def test_a_writer_whose_file_is_replaced_stops_instead_of_writing_into_the_lost_file(tmp_path, how):
+    """A `git checkout` of a tracked database (or a copy over it, or rm) while a study runs: SQLite
+    would keep committing into the unlinked inode and every later row would vanish with the run."""
+    db = tmp_path / "r.sqlite"
+    with open_store(db) as store:
+        store.write_job(_row("a1"), _proxies())
+        if how == "replaced":
+            other = tmp_path / "other.sqlite"
+            with open_store(other) as fresh:
+                fresh.write_job(_row("b1"), _proxies())
+            other.replace(db)
+        elif how == "deleted":
+            db.unlink()
+        else:
+            db.with_name(db.name + "-wal").unlink()
+        with pytest.raises(StoreError, match="would be lost") as caught:
+            store.write_job(_row("a2"), _proxies())
+        assert {"replaced": "replaced by another file", "deleted": "was deleted",
+                "wal-deleted": "lost its -wal file"}[how] in str(caught.value)
+    if how == "replaced":  # the refused row went nowhere
+        with open_store(db, readonly=True) as now:
+            assert "a2" not in now.statuses()
+
+
+def test_a_writer_beside_another_writer_keeps_writing(tmp_path):
+    """The guard does not fire on a second runner sharing the same file (it writes into the same -wal)."""
+    db = tmp_path / "r.sqlite"
+    with open_store(db) as first, open_store(db) as second:
+        first.write_job(_row("a1"), _proxies())
+        second.write_job(_row("a2"), _proxies())
+        second.close()
+        first.write_job(_row("a3"), _proxies())
+        assert set(first.statuses()) == {"a1", "a2", "a3"}
