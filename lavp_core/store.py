@@ -36,6 +36,13 @@ Safety rules:
   naming the file; no error message quotes the file's contents.
 * A reader creates nothing: a WAL database whose ``-wal`` and ``-shm`` files are not both there (no writer
   is running) is opened with ``immutable=1``, since a read-only connection would otherwise create them.
+* This process never reads the database file itself (its SQLite header) while it holds a connection
+  to it: closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+  included, and a WAL database whose writer has lost its locks has its ``-wal`` file checkpointed and
+  deleted by the next other process that closes a connection to it (a ``report``, the app, the
+  ``sqlite3`` shell), while the writer goes on committing into the deleted file. A study's lease
+  heartbeat opening its own connection did exactly that and lost rows. Connections are counted per
+  file (:data:`_HELD`); the header is read only when the process holds none, under one lock.
 * A writer notices when its file is replaced or its ``-wal`` file deleted under it (``git checkout`` or
   ``git stash`` of a tracked database, a copy over it, ``rm``): SQLite would go on committing into the
   unlinked file, and every row written from then on would be lost when the run ends. Each transaction
@@ -52,6 +59,7 @@ import math
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -186,10 +194,28 @@ def _no_write_bits(path: Path) -> bool:
     return not (path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
+_HELD: dict[tuple[int, int], list] = {}
+"""(device, inode) -> [open connections of this process to that file, whether it was in WAL mode]."""
+_HELD_LOCK = threading.RLock()
+"""Held while a store opens (header read, connection, first lock) and while one is counted out."""
+
+
+def _raw_header(path: Path, size: int) -> bytes | None:
+    """The first ``size`` bytes of ``path``, or None when this process holds a connection to it (then it
+    was checked when that connection opened, and opening the file now would drop that connection's
+    locks when the descriptor is closed)."""
+    identity = _file_identity(path)
+    if identity is not None and identity in _HELD:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read(size)
+
+
 def _check_header(path: Path) -> None:
     """Refuse a non-empty file that does not start with SQLite's magic header (nothing is written)."""
-    with open(path, "rb") as handle:
-        head = handle.read(len(SQLITE_HEADER))
+    head = _raw_header(path, len(SQLITE_HEADER))
+    if head is None:  # already open in this process, so already checked
+        return
     if head and head != SQLITE_HEADER:  # the message never quotes the file's bytes
         raise StoreError(f"{path} is not an SQLite database (it does not start with SQLite's header); it was "
                          f"left untouched. Give --db a new file name or the path of a lavp-explorer results "
@@ -198,8 +224,9 @@ def _check_header(path: Path) -> None:
 
 def _in_wal_mode(path: Path) -> bool:
     """Whether the database header says WAL (its file-format read and write versions, bytes 18-19, are 2)."""
-    with open(path, "rb") as handle:
-        header = handle.read(20)
+    header = _raw_header(path, 20)
+    if header is None:
+        return _HELD[_file_identity(path)][1]
     return len(header) == 20 and 2 in (header[18], header[19])
 
 
@@ -237,14 +264,20 @@ class ResultStore:
         self.readonly = readonly
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        self._held_key: tuple[int, int] | None = None
         self._wal = False
         self._wrote = False
-        if readonly:
-            self._conn = self._open_reader()
-        else:
-            self._conn = self._open_writer()
-            self._identity = _file_identity(self.path)
+        with _HELD_LOCK:
+            if readonly:
+                self._conn = self._open_reader()
+            else:
+                self._conn = self._open_writer()
+            self._held_key = _file_identity(self.path)
             self._wal = self.journal_mode() == "wal"
+            if self._held_key is not None:
+                _HELD.setdefault(self._held_key, [0, self._wal])[0] += 1
+        if not readonly:  # a writer stops when this file is replaced under it (see _check_same_file)
+            self._identity = self._held_key
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -436,8 +469,14 @@ class ResultStore:
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            with _HELD_LOCK:
+                self._conn.close()
+                self._conn = None
+                held = _HELD.get(self._held_key)
+                if held is not None:
+                    held[0] -= 1
+                    if held[0] <= 0:
+                        del _HELD[self._held_key]
 
     def __enter__(self) -> ResultStore:
         return self

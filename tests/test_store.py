@@ -280,3 +280,32 @@ def test_a_writer_beside_another_writer_keeps_writing(tmp_path):
         second.close()
         first.write_job(_row("a3"), _proxies())
         assert set(first.statuses()) == {"a1", "a2", "a3"}
+
+
+def _read_and_close_elsewhere(db) -> None:
+    """Another program reads the database and closes its connection (the app, `report`, the sqlite3 shell)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                    "c.execute('SELECT COUNT(*) FROM jobs').fetchone(); c.close()", str(db)], check=True, timeout=60)
+
+
+def test_a_second_connection_in_the_writer_process_keeps_the_writers_locks(tmp_path):
+    """Regression: a study's lease heartbeat opened a second store in the study's process; reading the
+    file's header with open()/close() dropped the process's POSIX locks, so the next other program to
+    close a connection checkpointed and deleted the -wal file while the study went on committing into
+    the deleted file: every later row was lost."""
+    db = tmp_path / "r.sqlite"
+    with open_store(db) as store:
+        store.write_job(_row("a1"), _proxies())
+        with open_store(db) as heartbeat, open_store(db, readonly=True) as reader:
+            heartbeat.conn.execute("SELECT COUNT(*) FROM leases").fetchone()
+            assert set(reader.statuses()) == {"a1"}
+            _read_and_close_elsewhere(db)
+            assert db.with_name(db.name + "-wal").exists()
+            store.write_job(_row("a2"), _proxies())
+        _read_and_close_elsewhere(db)
+        store.write_job(_row("a3"), _proxies())
+    with open_store(db, readonly=True) as after:
+        assert set(after.statuses()) == {"a1", "a2", "a3"}
