@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lavp_core.attacks import AttackRun, preset_config  # noqa: E402
+from lavp_core.fast_steps import ENGINES  # noqa: E402
 from lavp_core.gradients import GradientOracle, client_update  # noqa: E402
 from lavp_core.metrics import image_metrics  # noqa: E402
 from lavp_core.scenario import ScenarioConfig, build_scenario  # noqa: E402
@@ -45,7 +46,7 @@ def run_one(scenario, loss: str, schedule: str, args, checkpoints: list[int]) ->
                            schedule=schedule)
     every = int(np.gcd.reduce(checkpoints))
     run = AttackRun(oracle, update, config, scenario.info, generator=torch.Generator().manual_seed(args.seed),
-                    snapshot_every=every)
+                    snapshot_every=every, engine=args.engine)
     curve = []
     tic = time.perf_counter()
     for snapshot in run:
@@ -70,6 +71,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--checkpoints", default="250,500,1000,2000,3000,4000")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="attack engine (compiled pays a one-off compile and then runs long budgets faster)")
     p.add_argument("--out", required=True, help="JSON-lines file; existing rows are kept and skipped")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
