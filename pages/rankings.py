@@ -91,8 +91,10 @@ def show_regime(df: pd.DataFrame, arch: str, images: list[int]) -> None:
     for r in recovery[recovery["arch"] == arch].itertuples():
         notice = regime_notice(r.recovered)
         if notice:
-            st.warning(f"{loss_name(r.loss)} attack on {arch}: {notice}; its ranking orders failed "
-                       f"reconstructions.", icon=":material/warning:")
+            orders = ("failed reconstructions" if r.regime == "failed"
+                      else "recovered images by how exactly each was rebuilt")
+            st.warning(f"{loss_name(r.loss)} attack on {arch}: {notice}; its ranking orders {orders}.",
+                       icon=":material/warning:")
     shown = df[(df["arch"] == arch) & df["image_index"].isin(images)]
     flags = shown["recovered"] if "recovered" in shown else shown["ssim"] >= RECOVERED_SSIM
     counts = flags.groupby(shown["loss"]).agg(["sum", "count"])

@@ -385,7 +385,8 @@ for r in recovery[(recovery["weights"] == weights) & (recovery["arch"] == MEAN_A
     notice = regime_notice(r.recovered)
     if notice:
         st.warning(f"{loss_name(r.loss)} attack ({weights or 'this study'}): {notice}; these correlations are not "
-                   f"evidence for or against the paper's claim.", icon=":material/warning:")
+                   f"evidence for or against the paper's claim, which is about which images leak.",
+                   icon=":material/warning:")
 with st.expander("Every σ_S with MSE and its interval"):
     for line in page_findings(table, recovery, flavour, weights):
         st.markdown(f"- {line}")

@@ -236,6 +236,26 @@ def test_findings_follow_the_sign_and_warn_where_attacks_failed():
     assert "only 6% of these attacks recovered the image" in line and "images' own statistics" in line
     leaking = recovery.assign(recovered=0.6, regime="leaks")
     assert "Caution" not in findings(table, leaking)[0]
+    saturated = recovery.assign(recovered=0.875, regime="saturated")
+    (line,) = findings(table, saturated)
+    assert "Caution: 88% of these attacks recovered the image" in line and "how exactly" in line
+
+
+def test_the_regime_of_a_group_follows_its_recovered_fraction():
+    from lavp_core.study.analysis import recovery_table, regime, regime_notice
+
+    assert [regime(f) for f in (0.0, 0.19, 0.2, 0.5, 0.8, 0.81, 1.0)] == [
+        "failed", "failed", "leaks", "leaks", "leaks", "saturated", "saturated"]
+    assert regime_notice(0.5) == "" and "own statistics" in regime_notice(0.1)
+    assert regime_notice(1.0).startswith("every one of these attacks recovered the image")
+    # 10 images per loss: L2 recovers 1 (SSIM 0.6), cosine 9
+    ssim = {"l2": [0.6] + [0.1] * 9, "cos": [0.9] * 9 + [0.2]}
+    df = pd.DataFrame([{"dataset": "d", "weights": "random", "loss": loss, "arch": "lenet", "image_index": i,
+                        "ssim": value, "psnr": 10 + 20 * value} for loss, values in ssim.items()
+                       for i, value in enumerate(values)])
+    table = recovery_table(df).set_index(["loss", "arch"])
+    assert table.loc[("l2", "lenet"), "regime"] == "failed" and table.loc[("l2", "lenet"), "recovered"] == 0.1
+    assert table.loc[("cos", MEAN_ARCH), "regime"] == "saturated" and table.loc[("cos", "lenet"), "n"] == 10
 
 
 def test_the_tidy_csv_round_trips_through_pandas(tmp_path):

@@ -30,6 +30,7 @@ STATE = ["dataset", "weights", "loss"]  # one study group: σ_S is averaged over
 RESAMPLES = 1000  # bootstrap resamples behind every confidence interval
 CONFIDENCE = 0.95
 FAILED_REGIME = 0.2  # below this fraction of recovered images a group's σ_S describe image statistics
+SATURATED_REGIME = 0.8  # above this fraction they rank how exactly recovered images were rebuilt
 LOSS_LABELS = {"l2": "L2", "cos": "CS", "cos-layer": "CS-layer"}
 
 
@@ -178,9 +179,10 @@ def spearman_table(df: pd.DataFrame, proxy_flavour: Flavour = "exact", *, scores
 def recovery_table(df: pd.DataFrame) -> pd.DataFrame:
     """Did the attacks leak? Per (dataset, weights, attack loss, architecture) and over all architectures
     (``arch == "mean"``): images, the fraction recovered (SSIM at least
-    :data:`~lavp_core.metrics.RECOVERED_SSIM`), median PSNR and SSIM, and the regime: ``leaks`` when at
-    least :data:`FAILED_REGIME` of the attacks recovered the image, else ``failed`` (σ_S over failed
-    attacks describe the images' own statistics, not leakage)."""
+    :data:`~lavp_core.metrics.RECOVERED_SSIM`), median PSNR and SSIM, and the regime (:func:`regime`):
+    ``failed`` below :data:`FAILED_REGIME` recovered (σ_S over failed attacks describe the images' own
+    statistics, not leakage), ``saturated`` above :data:`SATURATED_REGIME` (σ_S rank how exactly
+    recovered images were rebuilt, not which images leak), else ``leaks``."""
     from ..metrics import RECOVERED_SSIM
 
     columns = ["dataset", "weights", "loss", "arch", "n", "recovered", "median_psnr", "median_ssim", "regime"]
@@ -194,17 +196,32 @@ def recovery_table(df: pd.DataFrame) -> pd.DataFrame:
         for arch, sub in parts:
             fraction = float(sub["recovered"].mean())
             out.append((dataset, weights, loss, arch, int(len(sub)), fraction, float(sub["psnr"].median()),
-                        float(sub["ssim"].median()), "leaks" if fraction >= FAILED_REGIME else "failed"))
+                        float(sub["ssim"].median()), regime(fraction)))
     return pd.DataFrame(out, columns=columns)
 
 
+def regime(recovered: float) -> str:
+    """``failed``, ``leaks`` or ``saturated`` for the fraction of a group's attacks that recovered the image."""
+    if math.isnan(recovered):
+        return "unknown"
+    if recovered < FAILED_REGIME:
+        return "failed"
+    return "saturated" if recovered > SATURATED_REGIME else "leaks"
+
+
 def regime_notice(recovered: float) -> str:
-    """The sentence shown beside σ_S of a group whose attacks mostly failed (empty when they leak)."""
-    if math.isnan(recovered) or recovered >= FAILED_REGIME:
-        return ""
-    share = "none" if recovered == 0 else f"only {recovered:.0%}"
-    return (f"{share} of these attacks recovered the image (SSIM ≥ 0.5): their σ_S describe the images' own "
-            f"statistics, not leakage")
+    """The sentence shown beside σ_S of a group whose attacks mostly failed, or almost all recovered the
+    image (empty when some leak and some do not: the regime where σ_S says which images leak)."""
+    kind = regime(recovered)
+    if kind == "failed":
+        share = "none" if recovered == 0 else f"only {recovered:.0%}"
+        return (f"{share} of these attacks recovered the image (SSIM ≥ 0.5): their σ_S describe the images' own "
+                f"statistics, not leakage")
+    if kind == "saturated":
+        share = "every one" if recovered == 1 else f"{recovered:.0%}"
+        return (f"{share} of these attacks recovered the image (SSIM ≥ 0.5): their σ_S rank how exactly "
+                f"recovered images were rebuilt, not which images leak")
+    return ""
 
 
 def loss_label(loss: str) -> str:

@@ -179,7 +179,8 @@ def format_report(df: pd.DataFrame, fmt: str = "md", *, flavours: Sequence[Flavo
                                  zip(recovery["dataset"], recovery["weights"], recovery["loss"], strict=True)])
     lines += ["", "## Did the attacks leak?", "",
               "recovered: fraction of images whose reconstruction reaches SSIM ≥ 0.5; regime 'failed' below "
-              "20 %, where σ_S describe the images' own statistics, not leakage.", "",
+              "20 %, where σ_S describe the images' own statistics, not leakage; 'saturated' above 80 %, where "
+              "σ_S rank how exactly recovered images were rebuilt, not which images leak.", "",
               _markdown(shown[["row", "arch", "n", "recovered", "median_psnr", "median_ssim", "regime"]],
                         index=False)]
     notices = [f"- {r.row}: {regime_notice(r.recovered)}" for r in shown[shown["arch"] == MEAN_ARCH].itertuples()
