@@ -271,3 +271,11 @@ def test_the_tidy_csv_round_trips_through_pandas(tmp_path):
     merged = back.merge(long, on=["arch", "loss", "proxy", "score"])
     assert np.allclose(merged["sigma"], merged["rho"], equal_nan=True)
     assert set(back["regime"]) == {"failed"}  # SSIM 0.3 everywhere: nothing recovered
+
+
+def test_model_states_sort_by_epoch_not_as_text():
+    from lavp_core.study.analysis import weights_order
+
+    states = ["trained@40", "trained@5", "random", "trained@0", "trained", "trained@1"]
+    assert sorted(states, key=weights_order) == ["random", "trained", "trained@0", "trained@1", "trained@5",
+                                                 "trained@40"]

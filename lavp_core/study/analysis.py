@@ -229,6 +229,18 @@ def loss_label(loss: str) -> str:
     return LOSS_LABELS.get(loss, loss.upper())
 
 
+def weights_order(weights: str) -> tuple:
+    """Sort key of model states: named states (``random``, ``trained``) by name, then training
+    snapshots by epoch (``trained@5`` before ``trained@40``)."""
+    from ..models import snapshot_epoch
+
+    try:
+        epoch = snapshot_epoch(str(weights))
+    except ConfigError:
+        epoch = None
+    return (0, 0, str(weights)) if epoch is None else (1, epoch, str(weights))
+
+
 def row_order(pair: tuple[str, str]) -> tuple:
     """Sort key of (dataset, loss) rows: by dataset, then L2, CS, then any other loss by name."""
     dataset, loss = pair
@@ -290,7 +302,7 @@ def findings(table: pd.DataFrame, recovery: pd.DataFrame | None = None) -> list[
         regime = {(r.dataset, r.weights, r.loss): r.recovered for r in overall.itertuples()}
     flavours = [f for f in FLAVOURS if f in set(mean["flavour"])]
     groups = sorted({(r.dataset, r.weights, r.loss) for r in mean.itertuples()},
-                    key=lambda g: (*row_order((g[0], g[2])), g[1]))
+                    key=lambda g: (*row_order((g[0], g[2])), weights_order(g[1])))
     for dataset, weights, loss in groups:
         label = f"{dataset}+{loss_label(loss)}" + (f" ({weights})" if weights else "")
         for flavour in flavours:
