@@ -25,9 +25,10 @@ from .sidebar import keep_session_file, keep_valid, upload_key
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_DIR = ROOT / "assets" / "study"
-BUNDLED_STUDY = STUDY_DIR / "photos-random.sqlite"  # the default: the attacks leak there
+BUNDLED_STUDY = STUDY_DIR / "photos-random.sqlite"  # the default: the cosine attack leaks there
 BUNDLED_LABELS = {  # the bundled studies by name, in the picker's order
-    "photos-random.sqlite": "random weights (attacks leak)",
+    "photos-random.sqlite": "random-weight lenet (the cosine attack leaks)",
+    "photos-random-alexnet.sqlite": "random-weight alexnet, 500 steps (both attacks leak)",
     "photos-training.sqlite": "training snapshots (epochs 0, 1, 5, 40)",
     "photos-trained.sqlite": "trained (attacks fail)",
 }
@@ -58,7 +59,8 @@ def bundled_studies() -> list[Path]:
 
 
 def study_label(path: str | Path) -> str:
-    """A bundled study's name for people ("random weights (attacks leak)"), else the file's name."""
+    """A bundled study's name for people ("random-weight lenet (the cosine attack leaks)"), else the file's
+    name."""
     name = Path(path).name
     return BUNDLED_LABELS.get(name, name)
 
@@ -193,7 +195,8 @@ def database_picker(prefix: str) -> str | None:
         names = [p.name for p in found]
         keep_valid(f"{prefix}.bundled", names)
         name = st.selectbox("Study", names, key=f"{prefix}.bundled", format_func=study_label,
-                            help="the bundled studies: random-weight lenet (attacks leak), lenet at training "
+                            help="the bundled studies: random-weight lenet (the cosine attack leaks, L2 mostly "
+                                 "fails), random-weight alexnet at 500 steps (both leak), lenet at training "
                                  "snapshots, and trained lenet and resnet8 (attacks fail)")
         chosen = found[names.index(name)]
     else:

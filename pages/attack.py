@@ -66,7 +66,8 @@ DEFAULT_CAPTION = (
     "Compare mode runs the L2 and the cosine attack at once: both ended after 39 s at a load average of about 8, "
     "the L2 run at SSIM 0.22 on the same image.")
 REFERENCE_STUDIES = tuple(Path(__file__).resolve().parent.parent / "assets" / "study" / name
-                          for name in ("photos-random.sqlite", "photos-training.sqlite"))
+                          for name in ("photos-random.sqlite", "photos-random-alexnet.sqlite",
+                                       "photos-training.sqlite"))
 FIRST_FRAME_WAIT = 1.0  # seconds the Run button waits for the first snapshot before the page is redrawn
 TV_CHOICES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 K_PRESET, K_LOSS, K_STEPS, K_LR, K_TV, K_RESTARTS = ("attack.preset", "attack.loss", "attack.steps", "attack.lr",

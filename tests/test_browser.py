@@ -29,7 +29,8 @@ from browser_support import (
 from browser_support import wait_until_idle as _wait_until_idle
 
 BUNDLED = ROOT / "assets" / "study" / "photos-trained.sqlite"
-STUDY_SHOTS = (("photos-random.sqlite", "random weights (attacks leak)", "7-study-random.png"),
+STUDY_SHOTS = (("photos-random.sqlite", "random-weight lenet (the cosine attack leaks)",
+                "7-study-random.png"),
                ("photos-training.sqlite", "training snapshots (epochs 0, 1, 5, 40)", "8-study-training.png"),
                ("photos-trained.sqlite", "trained (attacks fail)", "9-study-trained.png"))
 TITLES = ("Guide", "Attack", "Proxies", "Study", "Rankings")
