@@ -57,12 +57,26 @@ def _assert_same(arch, config, engine, index=3):
                                rtol=1e-5, atol=1e-7)
 
 
-# The paper's protocol (Adam, TV, boxed, constant lr), every matching loss, R = 1 and R = 3 batched
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """Run a test under 1 and under 2 torch threads (the kernels, and so the round-off, differ), and leave
+    the process's thread count as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+# The paper's protocol (Adam, TV, boxed, constant lr), every matching loss, R = 1 and R = 3 batched. The
+# two engines compute the same operators in different orders, so they differ by round-off, and an
+# attack amplifies round-off as it goes: on resnet8 with R = 3 and one thread the candidates agree to
+# 4e-7 after 10 steps and to 2e-3 after 20 (losses still to 5e-5 relative). 12 steps keeps the
+# comparison at round-off under either thread count; a wrong operator shows from the first step.
 @pytest.mark.parametrize("arch", ["lenet", "resnet8"])
 @pytest.mark.parametrize("loss", ["l2", "cos", "cos-layer"])
 @pytest.mark.parametrize("restarts", [1, 3])
-def test_traced_steps_equal_the_eager_engine_after_20_steps(arch, loss, restarts):
-    _assert_same(arch, preset_config("lavp-paper", loss=loss, steps=20, restarts=restarts), "traced")
+def test_traced_steps_equal_the_eager_engine_after_12_steps(arch, loss, restarts, torch_threads):
+    _assert_same(arch, preset_config("lavp-paper", loss=loss, steps=12, restarts=restarts), "traced")
 
 
 @pytest.mark.parametrize("restarts", [1, 3])
