@@ -61,3 +61,13 @@ def wait_for_app(at, found, timeout: float = 240.0, what: str = "the result"):
                                  f"{[e.value for e in at.error]}")
         time.sleep(0.5)
 
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that runs a command in-process (which chooses its torch threads) leaves the next test the
+    thread count it found: results that depend on round-off must not depend on which test ran before."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
