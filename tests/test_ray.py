@@ -184,8 +184,12 @@ def test_ray_runs_a_study_to_the_same_keys_and_scores_as_the_local_pool(tmp_path
         assert there[column].to_numpy() == pytest.approx(here[column].to_numpy(), rel=1e-6, abs=1e-12), column
     assert (there["proxies_from"].notna().sum(), here["proxies_from"].notna().sum()) == (4, 4)
     assert sorted(set(there["weights"])) == sorted({"random", str(checkpoint)})  # the job's own weights
-    cache = Path(tempfile.gettempdir()) / f"{CHECKPOINT_CACHE}-{os.getuid()}"
-    assert (cache / f"{sha256_file(checkpoint)}.pt").is_file()
+    # the workers (processes of this machine) cached the shipped checkpoint, each in a private folder
+    caches = [f for f in Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_CACHE}-*")
+              if (f / f"{sha256_file(checkpoint)}.pt").is_file()]
+    assert caches and all((f.stat().st_mode & 0o777) == 0o700 for f in caches)
+    for folder in caches:  # a worker killed with the cluster does not run its exit handler
+        shutil.rmtree(folder, ignore_errors=True)
     driver = f"{socket.gethostname()}:{os.getpid()}"
     assert driver not in set(there["worker"]) and set(here["worker"]) == {driver}  # Ray's workers ran them
     with open_store(tmp_path / "ray.sqlite", readonly=True) as store:
@@ -309,6 +313,7 @@ def test_a_planted_checkpoint_in_the_cache_is_not_trusted():
         path = _cached_checkpoint(payload, digest)
         assert path == planted and path.read_bytes() == payload
         assert (checkpoint_cache_folder().stat().st_mode & 0o777) == 0o700
+        assert checkpoint_cache_folder() == path.parent  # one folder per process, made once
     finally:
         planted.unlink(missing_ok=True)
 

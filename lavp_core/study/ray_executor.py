@@ -139,17 +139,20 @@ def _checkpoint(job: Job) -> Path | None:
     return checkpoint_for(job.arch, job.weights, job.dataset)
 
 
-def checkpoint_cache_folder() -> Path:
-    """This user's checkpoint cache on a worker: a 0700 folder it owns (refused otherwise)."""
-    import stat
+_CACHE_FOLDER: Path | None = None
 
-    folder = Path(tempfile.gettempdir()) / f"{CHECKPOINT_CACHE}-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    info = os.lstat(folder)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise ConfigError(f"{folder} is not a private folder of this user (a link, another owner, or open to "
-                          f"others); remove it and run the study again")
-    return folder
+
+def checkpoint_cache_folder() -> Path:
+    """This worker process's checkpoint cache: a private folder (``tempfile.mkdtemp``: 0700, this user's,
+    a fresh name nobody could have planted) made on first use and removed when the process exits."""
+    global _CACHE_FOLDER
+    if _CACHE_FOLDER is None or not _CACHE_FOLDER.is_dir():
+        import atexit
+        import shutil
+
+        _CACHE_FOLDER = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_CACHE}-"))
+        atexit.register(shutil.rmtree, _CACHE_FOLDER, ignore_errors=True)
+    return _CACHE_FOLDER
 
 
 def _cached_checkpoint(checkpoint: bytes, sha256: str | None) -> Path:
