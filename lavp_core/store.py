@@ -200,22 +200,19 @@ _HELD_LOCK = threading.RLock()
 """Held while a store opens (header read, connection, first lock) and while one is counted out."""
 
 
-def _raw_header(path: Path, size: int) -> bytes | None:
-    """The first ``size`` bytes of ``path``, or None when this process holds a connection to it (then it
-    was checked when that connection opened, and opening the file now would drop that connection's
-    locks when the descriptor is closed)."""
-    identity = _file_identity(path)
-    if identity is not None and identity in _HELD:
-        return None
-    with open(path, "rb") as handle:
-        return handle.read(size)
+def _held(path: Path) -> list | None:
+    """This process's entry of :data:`_HELD` for ``path`` (None when it holds no connection to it). While
+    it holds one the file's header was checked when that connection opened, and reading the file now
+    would drop that connection's locks when the descriptor is closed."""
+    return _HELD.get(_file_identity(path))
 
 
 def _check_header(path: Path) -> None:
     """Refuse a non-empty file that does not start with SQLite's magic header (nothing is written)."""
-    head = _raw_header(path, len(SQLITE_HEADER))
-    if head is None:  # already open in this process, so already checked
+    if _held(path) is not None:
         return
+    with open(path, "rb") as handle:
+        head = handle.read(len(SQLITE_HEADER))
     if head and head != SQLITE_HEADER:  # the message never quotes the file's bytes
         raise StoreError(f"{path} is not an SQLite database (it does not start with SQLite's header); it was "
                          f"left untouched. Give --db a new file name or the path of a lavp-explorer results "
@@ -224,9 +221,11 @@ def _check_header(path: Path) -> None:
 
 def _in_wal_mode(path: Path) -> bool:
     """Whether the database header says WAL (its file-format read and write versions, bytes 18-19, are 2)."""
-    header = _raw_header(path, 20)
-    if header is None:
-        return _HELD[_file_identity(path)][1]
+    held = _held(path)
+    if held is not None:
+        return held[1]
+    with open(path, "rb") as handle:
+        header = handle.read(20)
     return len(header) == 20 and 2 in (header[18], header[19])
 
 
@@ -263,8 +262,7 @@ class ResultStore:
         self.path = Path(path)
         self.readonly = readonly
         self._conn: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None
-        self._held_key: tuple[int, int] | None = None
+        self._held_key: tuple[int, int] | None = None  # (device, inode) of the file this store opened
         self._wal = False
         self._wrote = False
         with _HELD_LOCK:
@@ -276,8 +274,6 @@ class ResultStore:
             self._wal = self.journal_mode() == "wal"
             if self._held_key is not None:
                 _HELD.setdefault(self._held_key, [0, self._wal])[0] += 1
-        if not readonly:  # a writer stops when this file is replaced under it (see _check_same_file)
-            self._identity = self._held_key
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -508,13 +504,13 @@ class ResultStore:
     def _check_same_file(self) -> None:
         """Raise :class:`StoreError` when the path no longer names the file this writer opened, or
         its ``-wal`` file is gone: a commit now would go into an unlinked file and be lost."""
-        if self._identity is None:
+        if self._held_key is None:
             return
         now = _file_identity(self.path)
         wal = self.path.with_name(self.path.name + "-wal")
-        if now == self._identity and (not self._wrote or wal.exists()):
+        if now == self._held_key and (not self._wrote or wal.exists()):
             return
-        what = ("was deleted" if now is None else "was replaced by another file" if now != self._identity
+        what = ("was deleted" if now is None else "was replaced by another file" if now != self._held_key
                 else "lost its -wal file")
         raise StoreError(f"{self.path} {what} while this run had it open (a git checkout or stash of a "
                          f"tracked database, a copy over it, rm?); rows written now would be lost, so "
