@@ -62,7 +62,6 @@ def wait_for_app(at, found, timeout: float = 240.0, what: str = "the result"):
         time.sleep(0.5)
 
 
-
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """A test that runs a command in-process (which chooses its torch threads) leaves the next test the

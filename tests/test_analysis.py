@@ -279,3 +279,13 @@ def test_model_states_sort_by_epoch_not_as_text():
     states = ["trained@40", "trained@5", "random", "trained@0", "trained", "trained@1"]
     assert sorted(states, key=weights_order) == ["random", "trained", "trained@0", "trained@1", "trained@5",
                                                  "trained@40"]
+
+
+def test_the_recovery_table_lists_l2_before_cosine_and_snapshots_by_epoch():
+    from lavp_core.study.analysis import recovery_table
+
+    df = pd.DataFrame([{"dataset": "d", "weights": w, "loss": loss, "arch": "lenet", "image_index": 0,
+                        "ssim": 0.6, "psnr": 20.0} for w in ("trained@40", "trained@5") for loss in ("cos", "l2")])
+    table = recovery_table(df)
+    rows = table[table["arch"] == "lenet"][["loss", "weights"]].apply(tuple, axis=1).tolist()
+    assert rows == [("l2", "trained@5"), ("l2", "trained@40"), ("cos", "trained@5"), ("cos", "trained@40")]

@@ -191,7 +191,8 @@ def recovery_table(df: pd.DataFrame) -> pd.DataFrame:
     df = df.assign(weights=df["weights"].fillna("") if "weights" in df else "",
                    recovered=df["ssim"] >= RECOVERED_SSIM)
     out = []
-    for (dataset, weights, loss), group in df.groupby(STATE, sort=True):
+    groups = sorted(df.groupby(STATE, sort=False), key=lambda item: group_order(*item[0]))
+    for (dataset, weights, loss), group in groups:
         parts = [(arch, sub) for arch, sub in group.groupby("arch", sort=True)] + [(MEAN_ARCH, group)]
         for arch, sub in parts:
             fraction = float(sub["recovered"].mean())
@@ -239,6 +240,11 @@ def weights_order(weights: str) -> tuple:
     except ConfigError:
         epoch = None
     return (0, 0, str(weights)) if epoch is None else (1, epoch, str(weights))
+
+
+def group_order(dataset: str, weights: str, loss: str) -> tuple:
+    """Sort key of a (dataset, weights, loss) group: :func:`row_order`, then :func:`weights_order`."""
+    return (*row_order((dataset, loss)), weights_order(weights))
 
 
 def row_order(pair: tuple[str, str]) -> tuple:
@@ -302,7 +308,7 @@ def findings(table: pd.DataFrame, recovery: pd.DataFrame | None = None) -> list[
         regime = {(r.dataset, r.weights, r.loss): r.recovered for r in overall.itertuples()}
     flavours = [f for f in FLAVOURS if f in set(mean["flavour"])]
     groups = sorted({(r.dataset, r.weights, r.loss) for r in mean.itertuples()},
-                    key=lambda g: (*row_order((g[0], g[2])), weights_order(g[1])))
+                    key=lambda g: group_order(g[0], g[1], g[2]))
     for dataset, weights, loss in groups:
         label = f"{dataset}+{loss_label(loss)}" + (f" ({weights})" if weights else "")
         for flavour in flavours:

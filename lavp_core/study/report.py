@@ -17,13 +17,12 @@ from .analysis import (
     SCORES,
     STATE,
     findings,
+    group_order,
     loss_label,
     recipe_agreement,
     recovery_table,
     regime_notice,
-    row_order,
     spearman_table,
-    weights_order,
 )
 from .plan import FLAVOURS, Flavour
 from .results import proxy_column, proxy_names
@@ -60,7 +59,7 @@ def row_label(dataset: str, weights: str, loss: str, several_states: bool) -> st
 def _groups(df: pd.DataFrame) -> list[tuple[str, str, str]]:
     weights = df["weights"].fillna("") if "weights" in df else pd.Series("", index=df.index)
     found = {(d, w, lo) for d, w, lo in zip(df["dataset"], weights, df["loss"], strict=True)}
-    return sorted(found, key=lambda g: (*row_order((g[0], g[2])), weights_order(g[1])))
+    return sorted(found, key=lambda g: group_order(*g))
 
 
 def _layout(df: pd.DataFrame, flavour: Flavour, proxies: list[str], table: pd.DataFrame | None) -> pd.DataFrame:
@@ -176,9 +175,6 @@ def format_report(df: pd.DataFrame, fmt: str = "md", *, flavours: Sequence[Flavo
                      f"keeps them).")
     recovery = data["recovery"]
     several = len(set(recovery["weights"])) > 1
-    order = sorted(recovery.index, key=lambda i: (
-        *row_order((recovery.at[i, "dataset"], recovery.at[i, "loss"])), weights_order(recovery.at[i, "weights"])))
-    recovery = recovery.loc[order]
     shown = recovery.assign(row=[row_label(d, w, lo, several) for d, w, lo in
                                  zip(recovery["dataset"], recovery["weights"], recovery["loss"], strict=True)])
     lines += ["", "## Did the attacks leak?", "",
